@@ -1,0 +1,147 @@
+"""Talking to pmxd: requests over the ROUTER socket, the publish stream, starting the daemon.
+
+Every request times out and says what it waited for. The daemon is started (as PM2
+does) only by commands that need one running; `ping`, `list` and friends report that
+none runs instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import zmq
+from pmx.supervisor.errors import CommandError, DaemonUnreachable, ProtocolError
+from pmx.supervisor.protocol import (
+    Command,
+    JsonObject,
+    Request,
+    decode_publication,
+    decode_reply,
+    encode_request,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 10.0
+
+
+def home_path() -> Path:
+    return Path(os.path.abspath(os.environ.get("PMX_HOME") or Path.home() / ".pmx"))
+
+
+def _shown(home: Path) -> str:
+    text = str(home)
+    user_home = str(Path.home())
+    return "~" + text[len(user_home):] if text.startswith(user_home + "/") else text
+
+
+class Client:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or home_path()
+        self.rpc_path = self.home / "rpc.sock"
+        self.pub_path = self.home / "pub.sock"
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+
+    @property
+    def context(self) -> zmq.Context[zmq.Socket[bytes]]:
+        if self._context is None:
+            self._context = zmq.Context()
+        return self._context
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+
+    def is_running(self) -> bool:
+        if not self.rpc_path.exists():
+            return False
+        try:
+            self.call(Command.PING, timeout_s=2.0)
+        except DaemonUnreachable:
+            return False
+        return True
+
+    def call(self, command: Command, args: JsonObject | None = None, *,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> JsonObject:
+        """Send one request, wait for its reply; raise CommandError for error replies."""
+        if not self.rpc_path.exists():
+            raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
+        request = Request(command, args or {})
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(f"ipc://{self.rpc_path}")
+            sock.send(encode_request(request))
+            deadline = time.monotonic() + timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(remaining * 1000)):
+                    raise DaemonUnreachable(
+                        f"pmxd did not answer {command.value} within {timeout_s:g}s "
+                        f"(home {_shown(self.home)})")
+                frames = sock.recv_multipart()
+                try:
+                    reply = decode_reply(frames[-1])
+                except ProtocolError as exc:
+                    raise DaemonUnreachable(f"pmxd answered something that is not a pmx "
+                                            f"reply ({exc}); home {_shown(self.home)}") from None
+                if reply.id and reply.id != request.id:
+                    continue  # a late reply to an earlier request on a reused identity
+                if not reply.ok:
+                    if reply.error_code == "denied":
+                        raise CommandError("denied", f"permission denied by pmxd in "
+                                                     f"{_shown(self.home)}")
+                    raise CommandError(reply.error_code, reply.error_message)
+                return reply.result
+        finally:
+            sock.close(linger=0)
+
+    def ensure_daemon(self, announce: bool = True) -> bool:
+        """Start pmxd when none answers; True when this call started it."""
+        if self.is_running():
+            return False
+        result = subprocess.run(
+            [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(self.home)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=START_TIMEOUT_S, check=False,
+        )
+        if result.returncode != 0:
+            message = result.stderr.decode(errors="replace").strip().splitlines()
+            raise DaemonUnreachable(message[-1] if message else "pmxd failed to start")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise DaemonUnreachable(f"pmxd did not answer within {START_TIMEOUT_S:g}s "
+                                        f"after starting (see {self.home}/pmxd.log)")
+            time.sleep(0.02)
+        if announce:
+            print(f"[pmx] started pmxd (home {_shown(self.home)})", file=sys.stderr)
+        return True
+
+    def subscribe(self, topics: list[str]) -> zmq.Socket[bytes]:
+        if not self.pub_path.exists():
+            raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
+        sock = self.context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        sock.connect(f"ipc://{self.pub_path}")
+        return sock
+
+    def stream(self, sock: zmq.Socket[bytes], timeout_s: float | None = None
+               ) -> Iterator[tuple[str, JsonObject]]:
+        """Publications as (topic, body); stops after timeout_s without a message."""
+        while True:
+            if not sock.poll(None if timeout_s is None else int(timeout_s * 1000)):
+                return
+            frames = sock.recv_multipart()
+            try:
+                yield decode_publication(frames)
+            except ProtocolError:
+                continue

@@ -1,0 +1,127 @@
+"""Showing daemon replies to a person (rich tables) or to a script (--json).
+
+rich is imported inside the functions that draw, so commands that print plain text or
+JSON never pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+
+from pmx.supervisor.protocol import Json, JsonObject
+
+STATUS_STYLE = {
+    "online": "green", "starting": "cyan", "launching": "cyan", "stopping": "yellow",
+    "waiting": "yellow", "stopped": "dim", "errored": "bold red",
+}
+# C0/C1 control characters except tab, and ESC: shown as \xNN on a terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def print_json(value: Json) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def human_size(size: object) -> str:
+    if not isinstance(size, int | float) or size <= 0:
+        return "0b"
+    for unit, factor in (("gb", 1024**3), ("mb", 1024**2), ("kb", 1024)):
+        if size >= factor:
+            return f"{size / factor:.1f}{unit}"
+    return f"{int(size)}b"
+
+
+def human_duration(seconds: object) -> str:
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        return "0s"
+    value = int(seconds)
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= factor:
+            return f"{value // factor}{unit}"
+    return f"{value}s"
+
+
+def neutralise(text: str) -> str:
+    """Make terminal escapes and other control characters visible instead of active."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold", expand=False, pad_edge=False)
+    for column, justify in (("id", "right"), ("name", "left"), ("mode", "left"),
+                            ("pid", "right"), ("uptime", "right"), ("↺", "right"),
+                            ("status", "left"), ("cpu", "right"), ("mem", "right"),
+                            ("listen", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "listen")  # type: ignore[arg-type]
+    for row in rows:
+        status = str(row.get("status", ""))
+        listen = row.get("listen") or []
+        table.add_row(
+            str(row.get("id")), f"{row.get('name')}:{row.get('instance')}",
+            str(row.get("exec_mode")), str(row.get("pid") or "-"),
+            human_duration(row.get("uptime")), str(row.get("restarts")),
+            f"[{STATUS_STYLE.get(status, '')}]{status}[/]", f"{row.get('cpu', 0)}%",
+            human_size(row.get("memory")),
+            ", ".join(str(a) for a in listen) if isinstance(listen, list) else "",
+        )
+    console = Console()
+    if not rows:
+        console.print("[dim]no apps; start one with[/] pmx start ecosystem.toml")
+        return
+    console.print(table)
+    problems = [r for r in rows if r.get("status") == "errored"]
+    for row in problems:
+        console.print(f"[red]{row.get('name')}:{row.get('instance')} errored:[/] "
+                      f"{neutralise(str(row.get('reason')))}", highlight=False)
+
+
+def describe(apps: Sequence[JsonObject]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for app in apps:
+        spec = app.get("spec")
+        instances = app.get("instances")
+        if not isinstance(spec, dict) or not isinstance(instances, list):
+            continue
+        table = Table(title=f"{app.get('name')}", show_header=False, title_justify="left",
+                      title_style="bold")
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        listen = app.get("listen")
+        if listen:
+            table.add_row("listening on", ", ".join(map(str, listen)) if isinstance(
+                listen, list) else str(listen))
+        for key, value in spec.items():
+            if isinstance(value, dict):
+                shown = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+            elif isinstance(value, list):
+                shown = " ".join(map(str, value)) or "-"
+            else:
+                shown = str(value)
+            table.add_row(key, neutralise(shown))
+        console.print(table)
+        for inst in instances:
+            if not isinstance(inst, dict):
+                continue
+            status = str(inst.get("status"))
+            console.print(
+                f"  [bold]{app.get('name')}:{inst.get('instance')}[/] id {inst.get('id')} "
+                f"[{STATUS_STYLE.get(status, '')}]{status}[/] pid {inst.get('pid') or '-'} "
+                f"up {human_duration(inst.get('uptime'))} restarts {inst.get('restarts')} "
+                f"cpu {inst.get('cpu')}% mem {human_size(inst.get('memory'))}", highlight=False)
+            console.print(f"    reason: {neutralise(str(inst.get('reason')))}", highlight=False)
+            if inst.get("last_exit"):
+                console.print(f"    last exit: {inst.get('last_exit')}", highlight=False)
+            if inst.get("status_text"):
+                console.print(f"    status: {neutralise(str(inst.get('status_text')))}",
+                              highlight=False)
+            console.print(f"    out log: {inst.get('out_log')}", highlight=False)
+            console.print(f"    error log: {inst.get('error_log')}", highlight=False)

@@ -1,0 +1,230 @@
+"""Children's output: non-blocking pipe readers, log files with rotation, the live stream.
+
+Each instance's stdout and stderr are pipes whose read ends sit on the event loop. A
+reader takes whatever is there (up to 256 KiB per wake-up), cuts it into lines, writes
+them to the log file in one write and publishes them as one message, so a child that
+prints fast pays one syscall per chunk, never one per line. The pipe is enlarged to
+1 MiB so that a burst does not block the child while the daemon is busy elsewhere.
+
+Lines longer than MAX_LINE_BYTES are split there, and a line without a newline is held
+back only until that size: a 10 MB line costs bounded memory.
+
+A log file that cannot be written (disk full) does not stop the app or the daemon: the
+lines are dropped, a warning is logged at most once a minute, and writing resumes when
+the disk has room again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 64 * 1024
+READ_CHUNK = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031
+WARN_EVERY_S = 60.0
+
+LineSink = Callable[[str, list[bytes]], None]  # (stream, lines) -> None
+
+
+class LogFile:
+    """An append-only log file, shared by the instances that write to it."""
+
+    def __init__(self, path: Path, *, max_size: int | None, retain: int) -> None:
+        self.path = path
+        self.max_size = max_size
+        self.retain = retain
+        self.users = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._last_warning = 0.0
+        self.dropped_lines = 0
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+            self._size = os.fstat(self._fd).st_size
+        return self._fd
+
+    def write(self, data: bytes) -> None:
+        try:
+            fd = self._open()
+            if self.max_size is not None and self._size + len(data) > self.max_size and self._size:
+                self._rotate()
+                fd = self._open()
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+                self._size += written
+        except OSError as exc:
+            self.dropped_lines += data.count(b"\n")
+            now = time.monotonic()
+            if now - self._last_warning >= WARN_EVERY_S:
+                self._last_warning = now
+                log.warning("cannot write log %s: %s; dropping lines until it can "
+                            "(%d dropped so far)", self.path, exc.strerror or exc,
+                            self.dropped_lines)
+            self.close()  # reopen next time: the file may have been replaced or freed
+
+    def _rotate(self) -> None:
+        """file -> file.1 -> file.2 ... keeping `retain` rotated files."""
+        self.close()
+        if self.retain <= 0:
+            os.truncate(self.path, 0)
+            return
+        oldest = self.path.with_name(f"{self.path.name}.{self.retain}")
+        oldest.unlink(missing_ok=True)
+        for number in range(self.retain - 1, 0, -1):
+            source = self.path.with_name(f"{self.path.name}.{number}")
+            if source.exists():
+                source.rename(self.path.with_name(f"{self.path.name}.{number + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+
+    def truncate(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.path, 0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+class LogFiles:
+    """The open log files by path, so that merged logs share one file."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, LogFile] = {}
+
+    def acquire(self, path: Path, *, max_size: int | None, retain: int) -> LogFile:
+        file = self._files.get(path)
+        if file is None:
+            file = self._files[path] = LogFile(path, max_size=max_size, retain=retain)
+        file.users += 1
+        return file
+
+    def release(self, file: LogFile) -> None:
+        file.users -= 1
+        if file.users <= 0:
+            file.close()
+            self._files.pop(file.path, None)
+
+    def flush(self, paths: set[Path]) -> None:
+        for path in paths:
+            file = self._files.get(path)
+            if file is not None:
+                file.truncate()
+            elif path.exists():
+                os.truncate(path, 0)
+
+    def close_all(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+
+class PipeReader:
+    """Reads one child's stdout or stderr until EOF; never blocks the loop or the child."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        *,
+        stream: str,
+        file: LogFile,
+        date_format: str | None,
+        sink: LineSink,
+        on_close: Callable[[PipeReader], None],
+    ) -> None:
+        self._loop = loop
+        self.fd = fd
+        self.stream = stream
+        self.file = file
+        self._date_format = date_format
+        self._sink = sink
+        self._on_close = on_close
+        self._partial = b""
+        os.set_blocking(fd, False)
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size for an unprivileged user: keep 64 KiB
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close()
+            return
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        while len(self._partial) >= MAX_LINE_BYTES:
+            lines.append(self._partial[:MAX_LINE_BYTES])
+            self._partial = self._partial[MAX_LINE_BYTES:]
+        if lines:
+            self._emit([_split_long(line) for line in lines])
+
+    def _emit(self, groups: list[list[bytes]]) -> None:
+        lines = [piece for group in groups for piece in group]
+        if self._date_format:
+            prefix = time.strftime(self._date_format).encode() + b": "
+            data = b"".join(prefix + line + b"\n" for line in lines)
+        else:
+            data = b"\n".join(lines) + b"\n"
+        self.file.write(data)
+        self._sink(self.stream, lines)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self._partial:
+            self._emit([[self._partial]])
+            self._partial = b""
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self._on_close(self)
+
+
+def _split_long(line: bytes) -> list[bytes]:
+    if len(line) <= MAX_LINE_BYTES:
+        return [line]
+    return [line[i:i + MAX_LINE_BYTES] for i in range(0, len(line), MAX_LINE_BYTES)]
+
+
+def default_log_path(logs_dir: Path, app: str, stream: str, index: int | None) -> Path:
+    """PM2's naming: NAME-out-N.log, or NAME-out.log for merged logs."""
+    suffix = f"-{index}" if index is not None else ""
+    return logs_dir / f"{app}-{stream}{suffix}.log"
+
+
+def instance_log_path(configured: str | None, logs_dir: Path, app: str, stream: str,
+                      index: int, merged: bool) -> Path:
+    if configured is None:
+        return default_log_path(logs_dir, app, stream, None if merged else index)
+    path = Path(configured)
+    if merged or configured == "/dev/null":
+        return path
+    # Several instances, one configured name: PM2 suffixes the instance number.
+    return path.with_name(f"{path.stem}-{index}{path.suffix}")

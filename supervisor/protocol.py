@@ -1,0 +1,198 @@
+"""The control protocol between pmxd and its clients: the one contract both sides import.
+
+Transport: two ZeroMQ sockets in the daemon's home.
+
+* `rpc.sock`, a ROUTER: a client's DEALER sends one frame, a JSON request; the daemon
+  answers with exactly one frame, a JSON reply carrying the request's id.
+* `pub.sock`, a PUB: two frames, a topic and a JSON body. Topics end with a "."
+  because subscriptions match byte prefixes: "log.api." must not match "log.api-v2.".
+
+Examples (version 1)::
+
+    request  {"v": 1, "id": "7f3a", "cmd": "stop", "args": {"target": "api"}}
+    reply    {"v": 1, "id": "7f3a", "ok": true, "result": {"stopped": [0, 1]}}
+    error    {"v": 1, "id": "7f3a", "ok": false,
+              "error": {"code": "not_found", "message": "no app or id \\"apj\\""}}
+    event    event.api.   {"kind": "state", "app": "api", "id": 0, "instance": 0,
+                           "pid": 4242, "state": "online", "reason": "started", "time": 1.7e9}
+    log      log.api.     {"app": "api", "id": 0, "instance": 0, "stream": "out",
+                           "lines": ["listening on 8000"]}
+    stats    stats.       {"time": 1.7e9, "instances": [{"id": 0, "cpu": 1.5, "memory": 31457280}]}
+
+`decode_request` checks the whole envelope before anything is dispatched and raises
+ProtocolError with its own code for each kind of damage.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+# A JSON value (what json.loads can return).
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007
+JsonObject = dict[str, Json]
+
+
+class Command(enum.StrEnum):
+    PING = "ping"
+    LIST = "list"
+    DESCRIBE = "describe"
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    RELOAD = "reload"
+    DELETE = "delete"
+    SCALE = "scale"
+    FLUSH = "flush"
+    SAVE = "save"
+    RESURRECT = "resurrect"
+    KILL = "kill"
+
+
+class ErrorCode(enum.StrEnum):
+    TOO_LARGE = "too_large"
+    BAD_JSON = "bad_json"
+    NOT_OBJECT = "not_object"
+    BAD_VERSION = "bad_version"
+    BAD_FIELD = "bad_field"
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_ARGS = "bad_args"
+    NOT_FOUND = "not_found"
+    BUSY = "busy"
+    FAILED = "failed"
+    DENIED = "denied"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: Command
+    args: JsonObject = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: str
+    ok: bool
+    result: JsonObject = field(default_factory=dict)
+    error_code: str = ""
+    error_message: str = ""
+
+
+def encode_request(request: Request) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "id": request.id, "cmd": request.command.value,
+            "args": request.args}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes, request_id: str | None = None) -> JsonObject:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes is over the "
+                            f"{MAX_MESSAGE_BYTES} byte limit")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid UTF-8") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "message is nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"message is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.NOT_OBJECT,
+                            f"message must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def decode_request(data: bytes) -> Request:
+    """Parse and check one request frame. Raises ProtocolError (with the id when known)."""
+    body = _loads(data)
+    raw_id = body.get("id")
+    request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 64 else None
+    version = body.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(ErrorCode.BAD_VERSION,
+                            f"protocol version {version!r} is not supported (this daemon "
+                            f"speaks {PROTOCOL_VERSION})", request_id)
+    if request_id is None:
+        raise ProtocolError(ErrorCode.BAD_FIELD, '"id" must be a string of 1 to 64 characters')
+    cmd = body.get("cmd")
+    if not isinstance(cmd, str):
+        raise ProtocolError(ErrorCode.BAD_FIELD, '"cmd" must be a string', request_id)
+    try:
+        command = Command(cmd)
+    except ValueError:
+        shown = cmd if len(cmd) <= 40 else cmd[:37] + "..."
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {shown!r}",
+                            request_id) from None
+    args = body.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError(ErrorCode.BAD_FIELD, '"args" must be an object', request_id)
+    extra = set(body) - {"v", "id", "cmd", "args"}
+    if extra:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"unknown field {sorted(extra)[0]!r}", request_id)
+    return Request(command, args, request_id)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    body: JsonObject = {"v": PROTOCOL_VERSION, "id": reply.id, "ok": reply.ok}
+    if reply.ok:
+        body["result"] = reply.result
+    else:
+        body["error"] = {"code": reply.error_code, "message": reply.error_message}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> Reply:
+    return Reply(request_id or "", False, {}, str(code), message)
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Parse a reply frame (client side). Raises ProtocolError on anything malformed."""
+    body = _loads(data)
+    reply_id, ok = body.get("id"), body.get("ok")
+    if body.get("v") != PROTOCOL_VERSION or not isinstance(reply_id, str) or not isinstance(ok, bool):
+        raise ProtocolError(ErrorCode.BAD_FIELD, "the daemon's reply is not a pmx reply")
+    if ok:
+        result = body.get("result", {})
+        if not isinstance(result, dict):
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the daemon's reply has no result object")
+        return Reply(reply_id, True, result)
+    error = body.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError(ErrorCode.BAD_FIELD, "the daemon's error reply has no error object")
+    return Reply(reply_id, False, {}, str(error.get("code", "")), str(error.get("message", "")))
+
+
+# ---------------------------------------------------------------- publish stream
+
+EVENT_PREFIX = "event."
+LOG_PREFIX = "log."
+STATS_TOPIC = "stats."
+
+
+def event_topic(app: str) -> str:
+    return f"{EVENT_PREFIX}{app}."
+
+
+def log_topic(app: str) -> str:
+    return f"{LOG_PREFIX}{app}."
+
+
+def encode_publication(topic: str, body: Mapping[str, object]) -> list[bytes]:
+    return [topic.encode(), json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode_publication(frames: list[bytes]) -> tuple[str, JsonObject]:
+    if len(frames) != 2:
+        raise ProtocolError(ErrorCode.BAD_FIELD, "publication must have two frames")
+    return frames[0].decode("utf-8", "replace"), _loads(frames[1])

@@ -1,0 +1,91 @@
+"""Learning that children exited, without a thread per child and without polling.
+
+Each instance's main process is watched through its pidfd on the event loop: the pidfd
+becomes readable when the process exits, and `waitid(P_PIDFD)` reaps exactly that child.
+Because pmxd is a child subreaper, processes that apps double-fork are re-parented to
+pmxd when their parent dies; SIGCHLD reaps those strays with `waitpid(-1, WNOHANG)`.
+A watched child reaped by that loop first is dispatched the same way, so no exit is
+lost whichever path sees it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+ExitCallback = Callable[[int], None]
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process instead of to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class Reaper:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._watched: dict[int, tuple[int, ExitCallback]] = {}  # pid -> (pidfd, callback)
+        self.strays_reaped = 0
+
+    def install(self) -> None:
+        self._loop.add_signal_handler(signal.SIGCHLD, self.reap_strays)
+
+    def watch(self, pid: int, pidfd: int, on_exit: ExitCallback) -> None:
+        self._watched[pid] = (pidfd, on_exit)
+        self._loop.add_reader(pidfd, self._on_pidfd_readable, pid)
+
+    def _on_pidfd_readable(self, pid: int) -> None:
+        entry = self._watched.get(pid)
+        if entry is None:
+            return
+        try:
+            result = os.waitid(os.P_PIDFD, entry[0], os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped by reap_strays, which dispatched it
+        if result is None:
+            return
+        self._dispatch(pid, _status_from_waitid(result))
+
+    def _dispatch(self, pid: int, status: int) -> None:
+        entry = self._watched.pop(pid, None)
+        if entry is None:
+            return
+        self._loop.remove_reader(entry[0])
+        try:
+            entry[1](status)
+        except Exception:
+            log.exception("bug: exit handler for pid %d failed", pid)
+
+    def reap_strays(self) -> None:
+        """SIGCHLD: reap every exited child; watched ones are dispatched, others counted."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self._watched:
+                self._dispatch(pid, status)
+            else:
+                self.strays_reaped += 1
+                log.debug("reaped stray pid %d (%s)", pid, status)
+
+
+def _status_from_waitid(result: os.waitid_result) -> int:
+    """Turn a waitid result into a waitpid-style status word."""
+    if result.si_code == os.CLD_EXITED:
+        return (result.si_status & 0xFF) << 8
+    return result.si_status & 0x7F  # killed or dumped: the signal number
