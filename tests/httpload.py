@@ -56,10 +56,10 @@ class LoadClient(threading.Thread):
             connection.request("GET", self.path)
             response = connection.getresponse()
             body = response.read()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             connection.close()
             self._connection = None
-            if fresh or isinstance(exc, ConnectionResetError) and not self.keep_alive:
+            if fresh:
                 raise
             return self.request_once()  # the idle keep-alive connection had been closed
         if response.status != 200:
