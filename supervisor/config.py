@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import os
 import re
 import signal
@@ -31,15 +33,21 @@ from .errors import ConfigError
 
 EXEC_MODES = ("fork", "cluster")
 RELOAD_MODES = ("overlap", "restart")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
+MAX_DURATION_S = 7 * 24 * 3600.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 class _Invalid(Exception):
-    """Raised by a value parser; the caller adds file, app and key."""
+    """Raised by a value parser; the caller adds file, app and key, and what was found
+    unless the message already says it (`says_found`)."""
+
+    def __init__(self, expected: str, *, says_found: bool = False) -> None:
+        super().__init__(expected)
+        self.says_found = says_found
 
 
 # ---------------------------------------------------------------- value parsers
@@ -49,15 +57,16 @@ def parse_duration_s(value: object) -> float:
     """Milliseconds as an integer, or a string like "500ms", "5s", "2m", "1h" -> seconds."""
     if isinstance(value, bool):
         raise _Invalid("a duration like 1600 (ms) or \"5s\"")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise _Invalid("a duration that is not negative")
-        return float(value) / 1000.0
-    if isinstance(value, str):
-        match = _DURATION.match(value)
+        seconds = float(value) / 1000.0
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value)
         if match:
             number, unit = float(match.group(1)), match.group(2) or "ms"
-            return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+            seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    if seconds is not None and math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION_S:
+        return seconds
     raise _Invalid("a duration like 1600 (ms) or \"5s\"")
 
 
@@ -82,7 +91,7 @@ def format_size(size: int) -> str:
 
 
 def _parse_str(value: object) -> str:
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and value.strip() and "\0" not in value:
         return value
     raise _Invalid("a non-empty string")
 
@@ -109,13 +118,15 @@ def _parse_argv(value: object) -> tuple[str, ...]:
     """A list of strings, or one string split the way a shell would split it."""
     import shlex
 
-    if isinstance(value, str):
+    if isinstance(value, str) and "\0" not in value:
         try:
             return tuple(shlex.split(value))
         except ValueError as exc:
             raise _Invalid(f"arguments a shell could split ({exc})") from None
-    if isinstance(value, list) and all(isinstance(item, str | int | float) for item in value):
-        return tuple(str(item) for item in value if not isinstance(item, bool))
+    if isinstance(value, list) and all(
+            isinstance(item, str | int | float) and not isinstance(item, bool)
+            and "\0" not in str(item) for item in value):
+        return tuple(str(item) for item in value)
     raise _Invalid("a list of strings or one string")
 
 
@@ -125,13 +136,16 @@ def _parse_env(value: object) -> dict[str, str]:
     env: dict[str, str] = {}
     for name, item in value.items():
         if not name or "=" in name or "\0" in name:
-            raise _Invalid(f"environment variable names without '=' (got {name!r})")
+            raise _Invalid(f"a table of NAME = value, with names without '=', got {_quote(name)}",
+                           says_found=True)
         if isinstance(item, bool):
             env[name] = "true" if item else "false"
-        elif isinstance(item, str | int | float):
+        elif isinstance(item, str | int | float) and "\0" not in str(item):
             env[name] = str(item)
         else:
-            raise _Invalid(f"string values (got {type(item).__name__} for {name!r})")
+            found = "a table" if isinstance(item, dict) else (
+                "a list" if isinstance(item, list) else _quote(str(item)))
+            raise _Invalid(f"a string, number or boolean for {name}, got {found}", says_found=True)
     return env
 
 
@@ -156,7 +170,10 @@ def _parse_signal(value: object) -> str:
         name = value.upper()
         if not name.startswith("SIG"):
             name = "SIG" + name
-        if name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"):
+        if name in ("SIGKILL", "SIGSTOP"):
+            raise _Invalid(f"a signal the app can handle ({name} cannot be caught; "
+                           "SIGKILL comes anyway after kill_timeout)")
+        if name in signal.Signals.__members__:
             return name
     raise _Invalid('a signal name like "SIGTERM" or "SIGINT"')
 
@@ -180,7 +197,10 @@ def _parse_listen(value: object) -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str):
             raise _Invalid('an address like "127.0.0.1:8000" or "unix:/path"')
-        addresses.append(validate_address(item))
+        try:
+            addresses.append(validate_address(item))
+        except _Invalid as exc:
+            raise _Invalid(f"{exc}, got {_quote(item)}", says_found=True) from None
     return tuple(addresses)
 
 
@@ -191,7 +211,8 @@ def validate_address(address: str) -> str:
             return address
         raise _Invalid('"unix:" followed by a path shorter than 108 bytes')
     host, sep, port = address.rpartition(":")
-    if sep and port.isdigit() and 0 < int(port) < 65536 and host:
+    if sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and host \
+            and " " not in host:
         if host.startswith("[") == host.endswith("]"):
             return address
     raise _Invalid('an address like "127.0.0.1:8000", "[::1]:8000" or "unix:/path/app.sock"')
@@ -332,7 +353,8 @@ class AppSpec:
             if value is None or option.name == "port":
                 continue  # "port" is folded into listen
             if option.field.endswith("_s"):
-                value = round(value * 1000)
+                milliseconds = round(value * 1000, 3)
+                value = int(milliseconds) if milliseconds == int(milliseconds) else milliseconds
             elif isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, Mapping):
@@ -356,14 +378,21 @@ def default_interpreter(script: str) -> str:
 # ---------------------------------------------------------------- parsing
 
 
+def _quote(text: str) -> str:
+    """A string in double quotes, escaped, so that an error stays one unambiguous line."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _where(source: str, index: int, name: object) -> str:
     if isinstance(name, str) and name:
-        return f'{source}: app "{name}" (apps[{index}])'
+        return f"{source}: app {_quote(name)} (apps[{index}])"
     return f"{source}: apps[{index}]"
 
 
 def _describe(value: object) -> str:
-    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value) if not isinstance(value, str) else _quote(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -385,7 +414,8 @@ def parse_app(
             try:
                 env_overlays[key[4:]] = _parse_env(value)
             except _Invalid as exc:
-                raise ConfigError(f"{where}: {key} must be {exc}") from None
+                found = "" if exc.says_found else f", got {_describe(value)}"
+                raise ConfigError(f"{where}: {key} must be {exc}{found}") from None
             continue
         if option is None:
             close = difflib.get_close_matches(key, [o.name for o in OPTIONS], n=1, cutoff=0.6)
@@ -394,14 +424,13 @@ def parse_app(
         try:
             values[option.field] = option.parse(value)
         except _Invalid as exc:
-            raise ConfigError(
-                f"{where}: {key} must be {exc}, got {_describe(value)}"
-            ) from None
+            found = "" if exc.says_found else f", got {_describe(value)}"
+            raise ConfigError(f"{where}: {key} must be {exc}{found}") from None
     for required in ("name", "script"):
         if required not in values:
             raise ConfigError(f'{where}: missing key "{required}" (a non-empty string)')
     name = str(values["name"])
-    if not NAME_PATTERN.match(name) or name == "all" or name.isdigit():
+    if not NAME_PATTERN.fullmatch(name) or name == "all" or name.isdigit():
         raise ConfigError(
             f'{where}: name must be letters, digits and "_.@-" (at most 64, not "all" '
             f"and not a number), got {_describe(name)}"
@@ -467,7 +496,8 @@ def parse_ecosystem(
         raise ConfigError(f'{source}: unknown top-level key "{unknown[0]}"; expected [[apps]] tables')
     apps = data.get("apps")
     if not isinstance(apps, list) or not apps:
-        raise ConfigError(f"{source}: expected at least one [[apps]] table")
+        found = "a single [apps] table; write [[apps]]" if isinstance(apps, dict) else "none"
+        raise ConfigError(f"{source}: expected at least one [[apps]] table, found {found}")
     base_dir = file.resolve().parent
     specs: list[AppSpec] = []
     seen: dict[str, int] = {}

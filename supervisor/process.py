@@ -81,7 +81,7 @@ def next_restart_delay(unstable_restarts: int, spec: AppSpec) -> float | None:
         return None
     if spec.exp_backoff_restart_delay_s > 0 and unstable_restarts > 0:
         delay = spec.exp_backoff_restart_delay_s * BACKOFF_FACTOR ** (unstable_restarts - 1)
-        return min(BACKOFF_CAP_S, max(delay, spec.restart_delay_s))
+        return max(min(BACKOFF_CAP_S, delay), spec.restart_delay_s)
     return spec.restart_delay_s
 
 

@@ -4,8 +4,9 @@ Transport: two ZeroMQ sockets in the daemon's home.
 
 * `rpc.sock`, a ROUTER: a client's DEALER sends one frame, a JSON request; the daemon
   answers with exactly one frame, a JSON reply carrying the request's id.
-* `pub.sock`, a PUB: two frames, a topic and a JSON body. Topics end with a "."
-  because subscriptions match byte prefixes: "log.api." must not match "log.api-v2.".
+* `pub.sock`, a PUB: two frames, a topic and a JSON body. An app's topics end with
+  ":", a character app names cannot hold, because subscriptions match byte prefixes:
+  "log.api:" must match neither "log.api-v2:" nor "log.api.v2:". "log." gets every app.
 
 Examples (version 1)::
 
@@ -13,9 +14,9 @@ Examples (version 1)::
     reply    {"v": 1, "id": "7f3a", "ok": true, "result": {"stopped": [0, 1]}}
     error    {"v": 1, "id": "7f3a", "ok": false,
               "error": {"code": "not_found", "message": "no app or id \\"apj\\""}}
-    event    event.api.   {"kind": "state", "app": "api", "id": 0, "instance": 0,
+    event    event.api:   {"kind": "state", "app": "api", "id": 0, "instance": 0,
                            "pid": 4242, "state": "online", "reason": "started", "time": 1.7e9}
-    log      log.api.     {"app": "api", "id": 0, "instance": 0, "stream": "out",
+    log      log.api:     {"app": "api", "id": 0, "instance": 0, "stream": "out",
                            "lines": ["listening on 8000"]}
     stats    stats.       {"time": 1.7e9, "instances": [{"id": 0, "cpu": 1.5, "memory": 31457280}]}
 
@@ -181,11 +182,11 @@ STATS_TOPIC = "stats."
 
 
 def event_topic(app: str) -> str:
-    return f"{EVENT_PREFIX}{app}."
+    return f"{EVENT_PREFIX}{app}:"
 
 
 def log_topic(app: str) -> str:
-    return f"{LOG_PREFIX}{app}."
+    return f"{LOG_PREFIX}{app}:"
 
 
 def encode_publication(topic: str, body: Mapping[str, object]) -> list[bytes]:

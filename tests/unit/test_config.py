@@ -490,42 +490,34 @@ def test_mask_env_with_custom_markers() -> None:
         "MY_PIN": MASK, "API_TOKEN": "t"}
 
 
-# ---------------------------------------------------------------- known bugs (strict xfail)
-# Each of these documents a bug reported to the lead; remove the marker once it is fixed.
+# ---------------------------------------------------------------- fixed bugs (each once reported)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_duration_s accepts TOML nan and inf (config.py:52-55)")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_duration_is_rejected(value: float) -> None:
     rejected("kill_timeout", value)
 
 
-@pytest.mark.xfail(strict=True, reason="NAME_PATTERN ends with $, which matches before a final newline")
 def test_name_with_trailing_newline_is_rejected() -> None:
     with pytest.raises(ConfigError):
         app(name="api\n")
 
 
-@pytest.mark.xfail(strict=True, reason="_parse_argv silently drops booleans from an args list")
 def test_boolean_in_args_list_is_rejected() -> None:
     rejected("args", ["--verbose", True])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="validate_address: str.isdigit() accepts '²', then int() raises ValueError")
 def test_listen_port_with_superscript_digit_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         app(exec_mode="cluster", listen="127.0.0.1:²")
 
 
-@pytest.mark.xfail(strict=True, reason="NUL bytes in env, args and script are accepted; spawn fails later")
 @pytest.mark.parametrize(("key", "value"), [("env", {"A": "x\0y"}), ("args", ["x\0y"]), ("script", "a\0b")])
 def test_nul_byte_is_rejected(key: str, value: object) -> None:
     with pytest.raises(ConfigError):
         app(**{key: value})
 
 
-@pytest.mark.xfail(strict=True, reason="_describe and _where quote values without escaping newlines")
 @pytest.mark.parametrize("options", [{"kill_timeout": "soon\nlater"}, {"name": "a\nb", "stop_signal": "x"}])
 def test_error_is_one_line_even_when_the_value_has_a_newline(options: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -533,7 +525,6 @@ def test_error_is_one_line_even_when_the_value_has_a_newline(options: dict[str, 
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="to_table rounds durations to whole milliseconds")
 def test_sub_millisecond_duration_round_trips() -> None:
     spec = app(restart_delay="0.5ms")
     assert spec_from_table(spec.to_table()) == spec
