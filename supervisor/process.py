@@ -301,7 +301,7 @@ class Instance:
     def mark_ready(self, how: str) -> None:
         """Called by readiness checks; moves starting/launching instances online."""
         if self.state in (State.STARTING, State.LAUNCHING):
-            self._move(State.ONLINE, how)
+            self._move(State.ONLINE, f"{self.reason}; {how}")  # keep why it was started
         if self._ready_waiter is not None and not self._ready_waiter.done():
             self._ready_waiter.set_result(None)
 

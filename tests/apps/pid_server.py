@@ -21,6 +21,19 @@ if os.environ.get("FAIL_AT_START"):
 draining = threading.Event()
 
 
+def leak() -> None:
+    """LEAK_MB_PER_S in the instance numbered LEAK_INSTANCE: grow until restarted."""
+    held = []
+    while True:
+        held.append(bytearray(b"x" * (1024 * 1024)))
+        time.sleep(1.0 / float(os.environ["LEAK_MB_PER_S"]))
+
+
+if os.environ.get("LEAK_MB_PER_S") and os.environ.get("LEAK_INSTANCE") == os.environ.get(
+        "PMX_INSTANCE"):
+    threading.Thread(target=leak, daemon=True).start()
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
