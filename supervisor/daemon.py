@@ -50,7 +50,15 @@ from .protocol import (
 )
 from .readiness import NotifySocket
 from .reaper import Reaper, become_subreaper
-from .state import DUMP_NAME, read_dump, write_dump
+from .state import (
+    DUMP_NAME,
+    STATE_NAME,
+    process_start_time,
+    read_dump,
+    read_state,
+    write_dump,
+    write_state,
+)
 
 log = logging.getLogger("pmx.supervisor")
 
@@ -149,8 +157,13 @@ def sd_notify(message: str) -> None:
 class Daemon:
     """Owns the apps and implements process.Runtime for their instances."""
 
-    def __init__(self, home: Path, *, monitor_interval_s: float) -> None:
+    def __init__(self, home: Path, *, monitor_interval_s: float, runtime_mode: bool = False) -> None:
         self.home = home
+        # Container mode: app output also goes to our stdout, and pmxd exits once every
+        # app has ended, with 0 only when they all exited 0.
+        self.runtime_mode = runtime_mode
+        self.exit_status = 0
+        self._state_write_pending = False
         self.loop = asyncio.get_running_loop()
         self.apps: dict[str, AppGroup] = {}
         self.log_files = LogFiles()
@@ -187,6 +200,13 @@ class Daemon:
     # ------------------------------------------------------------ Runtime for instances
 
     def publish_state(self, instance: Instance) -> None:
+        if instance.state in (State.STARTING, State.LAUNCHING):
+            self._write_state_now()  # a new pid: on disk before anything else can happen
+        elif not self._state_write_pending:
+            self._state_write_pending = True
+            self.loop.call_soon(self._write_state_now)
+        if self.runtime_mode and instance.state in (State.STOPPED, State.ERRORED):
+            self.loop.call_soon(self._exit_when_all_ended)
         self.control.publish(event_topic(instance.app), {
             "kind": "state", "app": instance.app, "id": instance.id,
             "instance": instance.index, "pid": instance.pid, "state": instance.state.value,
@@ -215,7 +235,11 @@ class Daemon:
         topic = log_topic(instance.app)
         readers = self.readers.setdefault(id(instance), [])
 
+        echo_prefix = f"{instance.app}:{instance.index} | ".encode()
+
         def sink(stream: str, lines: list[bytes]) -> None:
+            if self.runtime_mode:
+                _echo(echo_prefix, lines)
             texts = [line.decode("utf-8", "replace") for line in lines]
             if stream == "error":
                 instance.stderr_tail.extend(texts[-20:])
@@ -233,6 +257,70 @@ class Daemon:
                                       file=app.acquire_log(instance.index, stream),
                                       date_format=spec.log_date_format, sink=sink,
                                       on_close=closed))
+
+    def _write_state_now(self) -> None:
+        self._state_write_pending = False
+        apps: list[object] = []
+        processes: list[object] = []
+        for app in self.apps.values():
+            running = any(i.state not in (State.STOPPED, State.ERRORED)
+                          for i in app.all_instances())
+            apps.append({"spec": app.spec.to_table(), "base_env": app.base_env,
+                         "running": running})
+            for instance in app.all_instances():
+                if instance.pid is None or instance.pidfd is None:
+                    continue
+                processes.append({
+                    "app": app.name, "instance": instance.index, "pid": instance.pid,
+                    "start_time": process_start_time(instance.pid),
+                    "stop_signal": app.spec.stop_signal,
+                    "kill_timeout_s": app.spec.kill_timeout_s,
+                })
+        try:
+            write_state(self.home / STATE_NAME, {"pmxd_pid": os.getpid(), "apps": apps,
+                                                 "processes": processes})
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.home / STATE_NAME, exc.strerror)
+
+    async def _recover_from_crash(self) -> None:
+        """A previous pmxd died without stopping its apps: stop what it left, restart it."""
+        document = read_state(self.home / STATE_NAME)
+        if document is None:
+            return
+        leftovers = []
+        for entry in document.get("processes") or []:  # type: ignore[attr-defined]
+            if not isinstance(entry, dict) or not isinstance(entry.get("pid"), int):
+                continue
+            pid = entry["pid"]
+            if entry.get("start_time") is None or process_start_time(pid) != entry["start_time"]:
+                continue  # gone, or the pid now belongs to another process
+            leftovers.append(entry)
+        if leftovers:
+            log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",
+                        document.get("pmxd_pid"), len(leftovers))
+        await asyncio.gather(*(_stop_leftover(entry) for entry in leftovers))
+        for entry in document.get("apps") or []:  # type: ignore[attr-defined]
+            if not isinstance(entry, dict) or not entry.get("running"):
+                continue
+            try:
+                spec = spec_from_table(entry["spec"], source=str(self.home / STATE_NAME))
+                base_env = {str(k): str(v) for k, v in (entry.get("base_env") or {}).items()}
+                await self._start_specs([spec], base_env, skip_existing=True)
+                log.info("restarted %s after the previous pmxd's crash", spec.name)
+            except (PmxError, KeyError, AttributeError) as exc:
+                log.error("cannot restart an app of the previous pmxd: %s", exc)
+
+    def _exit_when_all_ended(self) -> None:
+        if any(app.busy is not None for app in self.apps.values()):
+            return  # a restart passes through "stopped" on purpose
+        instances = [i for app in self.apps.values() for i in app.all_instances()]
+        if not instances or any(i.state not in (State.STOPPED, State.ERRORED) for i in instances):
+            return
+        clean = all(i.state is State.STOPPED and i.last_exit in (None, "exit code 0")
+                    for i in instances)
+        self.exit_status = 0 if clean else 1
+        log.info("every app has ended; pmxd exits with status %d", self.exit_status)
+        self._stopping.set()
 
     def next_id(self) -> int:
         value = self._next_instance_id
@@ -264,6 +352,7 @@ class Daemon:
         become_subreaper()
         self.control.bind()
         self.control.start()
+        await self._recover_from_crash()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
@@ -295,8 +384,9 @@ class Daemon:
         self.notify.close()
         self.log_files.close_all()
         self._worker.shutdown(wait=True)
+        (self.home / STATE_NAME).unlink(missing_ok=True)  # a clean stop leaves nothing to recover
         log.info("pmxd stopped")
-        return 0
+        return self.exit_status
 
     async def _stop_all(self) -> None:
         await asyncio.gather(*(app.stop("pmxd stopping") for app in self.apps.values()),
@@ -669,6 +759,39 @@ class Daemon:
                    if inst.state in TRANSITIONAL)
 
 
+def _echo(prefix: bytes, lines: list[bytes]) -> None:
+    try:
+        sys.stdout.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
+        sys.stdout.buffer.flush()
+    except (OSError, ValueError):
+        pass  # a closed stdout must not stop the apps
+
+
+async def _stop_leftover(entry: dict[str, object]) -> None:
+    """Stop a process group a dead pmxd left: stop signal, kill_timeout, SIGKILL."""
+    pid = entry["pid"]
+    assert isinstance(pid, int)
+    start_time = entry.get("start_time")
+    name = f"{entry.get('app')}:{entry.get('instance')}"
+    stop_signal = signal.Signals.__members__.get(str(entry.get("stop_signal")), signal.SIGTERM)
+    timeout = entry.get("kill_timeout_s")
+    timeout_s = float(timeout) if isinstance(timeout, int | float) else 5.0
+    log.info("%s (pid %d) left by the previous pmxd: %s", name, pid, stop_signal.name)
+    try:
+        os.kill(pid, stop_signal)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while process_start_time(pid) == start_time and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # and whatever else it left in its group
+    except (ProcessLookupError, PermissionError):
+        pass
+    while process_start_time(pid) == start_time and time.monotonic() < deadline + 5:
+        await asyncio.sleep(0.05)
+
+
 async def _gather_reporting(coroutines: list[Awaitable[None]]) -> None:
     """Run per-app operations together; a refusal of any is raised after all finished."""
     results = await asyncio.gather(*coroutines, return_exceptions=True)
@@ -723,6 +846,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", dest="env_name", help="env_NAME table of the files to use")
     parser.add_argument("--monitor-interval", type=float, default=None,
                         help="seconds between CPU/memory samples (default 1, at least 0.1)")
+    parser.add_argument("--runtime", action="store_true",
+                        help="container mode: app output to stdout, exit when every app ended")
     parser.add_argument("--version", action="version", version=f"pmxd {__version__}")
     return parser.parse_args(argv)
 
@@ -768,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(home, args.foreground)
     try:
         async def amain() -> int:
-            daemon = Daemon(home, monitor_interval_s=interval)
+            # Files on a foreground command line mean a container's entry point.
+            runtime_mode = args.runtime or bool(args.foreground and args.files)
+            daemon = Daemon(home, monitor_interval_s=interval, runtime_mode=runtime_mode)
             return await daemon.run(resurrect=args.resurrect, files=args.files,
                                     env_name=args.env_name, ready_fd=ready_fd)
 
@@ -781,6 +908,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.FAILED)
     finally:
         lock.release()
+
+
+def runtime_main() -> int:
+    """`pmx-runtime FILE...`: pmxd in the foreground as a container's PID 1."""
+    return main(["--foreground", "--runtime", *sys.argv[1:]])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -83,7 +83,11 @@ def test_sigkill_of_an_instance_refuses_no_request(pmx: Pmx) -> None:
     wait_until(lambda: (client.result.ok > seen + 50, client.result.ok), timeout=10,
                what="more load")
     result = client.stop()
-    assert result.failed == 0, result.errors
+    # No connection is refused: the socket outlives the instance. The one request the
+    # victim may have been answering when SIGKILL hit is lost with it, which no
+    # supervisor can prevent; nothing else may fail.
+    assert not any("Refused" in error for error in result.errors), result.errors
+    assert result.failed <= 1, result.errors
 
 
 def test_socket_survives_restart_and_delete_frees_port(pmx: Pmx) -> None:
