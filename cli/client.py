@@ -71,6 +71,7 @@ class Client:
         """Send one request, wait for its reply; raise CommandError for error replies."""
         if not self.rpc_path.exists():
             raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
+        self._check_access()
         request = Request(command, args or {})
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -100,6 +101,17 @@ class Client:
                 return reply.result
         finally:
             sock.close(linger=0)
+
+    def _check_access(self) -> None:
+        """Say "permission denied" at once instead of timing out against a daemon whose
+        socket filter (IPC_FILTER_UID) silently drops other users' connections."""
+        try:
+            owner = os.stat(self.rpc_path).st_uid
+        except OSError:
+            return
+        if owner != os.getuid() or not os.access(self.rpc_path, os.R_OK | os.W_OK):
+            raise CommandError("denied", f"permission denied: pmxd in {_shown(self.home)} "
+                                         f"belongs to uid {owner}")
 
     def ensure_daemon(self, announce: bool = True) -> bool:
         """Start pmxd when none answers; True when this call started it."""

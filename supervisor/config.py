@@ -260,6 +260,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "port", _parse_port, None, 'cluster mode: shorthand for listen = "0.0.0.0:PORT"'),
     Option("reuse_port", "reuse_port", _parse_bool, False,
            "cluster mode: one SO_REUSEPORT socket per instance slot"),
+    Option("user", "user", _parse_optional_str, None,
+           "run the app as this user (pmxd must run as root); HOME and USER follow"),
+    Option("group", "group", _parse_optional_str, None,
+           "run the app with this group (default: the user's own group)"),
     Option("autorestart", "autorestart", _parse_bool, True, "restart the app when it exits"),
     Option("max_restarts", "max_restarts", _parse_count, 16,
            "unstable restarts in a row before the app is errored"),
@@ -311,6 +315,8 @@ class AppSpec:
     listen: tuple[str, ...]
     port: int | None
     reuse_port: bool
+    user: str | None
+    group: str | None
     autorestart: bool
     max_restarts: int
     min_uptime_s: float

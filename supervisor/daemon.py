@@ -220,6 +220,24 @@ class Daemon:
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
         self.reaper.watch(pid, pidfd, instance.on_exit)
 
+    def kill_strays(self, run_id: str) -> None:
+        import psutil
+
+        marker = f"PMX_RUN_ID={run_id}".encode()
+        watched = self.reaper.watched_pids()
+        for child in psutil.Process().children():
+            if child.pid in watched:
+                continue
+            try:
+                with open(f"/proc/{child.pid}/environ", "rb") as file:
+                    if marker not in file.read().split(b"\0"):
+                        continue
+                os.kill(child.pid, signal.SIGKILL)
+                log.warning("killed pid %d, which escaped its app's process group (%s)",
+                            child.pid, run_id)
+            except OSError:
+                continue
+
     def forget(self, instance: Instance) -> None:
         if instance.pid is not None:
             self.stats.pop(instance.pid, None)

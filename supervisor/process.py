@@ -22,8 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import grp
+import itertools
 import logging
 import os
+import pwd
+import resource
 import shutil
 import signal
 import subprocess
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_S = 15.0  # PM2's cap for exp_backoff_restart_delay
 STDERR_TAIL_LINES = 20
+FD_RESERVE = 64  # fds pmxd keeps free: libzmq aborts the whole process on EMFILE
+_run_ids = itertools.count(1)
 
 
 class State(enum.StrEnum):
@@ -108,6 +114,8 @@ class Runtime(Protocol):
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None: ...
 
     def forget(self, instance: Instance) -> None: ...
+
+    def kill_strays(self, run_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +192,7 @@ class Instance:
         self._exited: asyncio.Future[int] | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._ready_waiter: asyncio.Future[None] | None = None
+        self.run_id = ""  # unique per spawn; marks the process and all it starts
 
     # ------------------------------------------------------------ state
 
@@ -238,6 +247,8 @@ class Instance:
             "PMX_APP_NAME": spec.name, "PMX_ID": str(self.id), "PMX_INSTANCE": str(self.index),
             "NODE_APP_INSTANCE": str(self.index), "pm_id": str(self.id), "name": spec.name,
         })
+        self.run_id = f"{os.getpid()}.{next(_run_ids)}"
+        env["PMX_RUN_ID"] = self.run_id
         for stale in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PMX_LISTEN_FD",
                       "NOTIFY_SOCKET"):
             env.pop(stale, None)
@@ -266,6 +277,8 @@ class Instance:
                 "permission denied (not executable)")
             raise SpawnError(f'cannot start app "{spec.name}": {argv[0]}: {why}')
         argv[0] = executable
+        _check_fd_headroom(spec.name, 4 + (len(inheritance.fds) if inheritance else 0))
+        credentials = _credentials(spec, env)
         pass_fds: tuple[int, ...] = ()
         if inheritance is not None:
             pass_fds = tuple(inheritance.fds)
@@ -277,6 +290,8 @@ class Instance:
             popen = subprocess.Popen(
                 argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_write,
                 stderr=err_write, close_fds=True, pass_fds=pass_fds, start_new_session=True,
+                user=credentials.uid, group=credentials.gid,
+                extra_groups=credentials.groups,
             )
         except OSError as exc:
             for fd in (out_read, out_write, err_read, err_write):
@@ -376,6 +391,9 @@ class Instance:
         # Whatever the main process left in its group (workers, shells) goes with it.
         if self.pid is not None:
             _kill_group(self.pid, signal.SIGKILL)
+            # Descendants that escaped the group with setsid() were re-parented to pmxd
+            # (a subreaper); they still carry this spawn's PMX_RUN_ID.
+            self._runtime.kill_strays(self.run_id)
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
@@ -429,6 +447,43 @@ class Instance:
         """SIGKILL the group at once (daemon shutdown after its grace period)."""
         if self.pid is not None and self.state in RUNNING:
             _kill_group(self.pid, signal.SIGKILL)
+
+
+def _check_fd_headroom(app: str, needed: int) -> None:
+    """Refuse a spawn that would eat into the reserve of file descriptors."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    in_use = len(os.listdir("/proc/self/fd"))
+    if limit != resource.RLIM_INFINITY and in_use + needed > limit - FD_RESERVE:
+        raise SpawnError(f'cannot start app "{app}": pmxd is near its open-file limit '
+                         f"({in_use} of {limit} file descriptors in use, {FD_RESERVE} kept in "
+                         "reserve); raise LimitNOFILE / ulimit -n")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] | None = None
+
+
+def _credentials(spec: AppSpec, env: dict[str, str]) -> Credentials:
+    """Popen arguments for `user`/`group`, and the user's HOME, USER and LOGNAME.
+
+    Popen(user=...) alone would keep pmxd's group and supplementary groups (root's 0),
+    so the gid and the exact supplementary groups of the user are passed as well."""
+    if spec.user is None and spec.group is None:
+        return Credentials()
+    try:
+        account = pwd.getpwnam(spec.user) if spec.user else pwd.getpwuid(os.getuid())
+        gid = grp.getgrnam(spec.group).gr_gid if spec.group else account.pw_gid
+    except KeyError as exc:
+        raise SpawnError(f'cannot start app "{spec.name}": no such user or group '
+                         f"{exc.args[0]}") from None
+    if os.getuid() != 0 and (account.pw_uid != os.getuid() or gid != os.getgid()):
+        raise SpawnError(f'cannot start app "{spec.name}" as {account.pw_name}: pmxd does '
+                         "not run as root")
+    env.update({"HOME": account.pw_dir, "USER": account.pw_name, "LOGNAME": account.pw_name})
+    return Credentials(account.pw_uid, gid, os.getgrouplist(account.pw_name, gid))
 
 
 def _kill_group(pgid: int, signum: int) -> None:

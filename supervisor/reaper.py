@@ -42,6 +42,9 @@ class Reaper:
     def install(self) -> None:
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap_strays)
 
+    def watched_pids(self) -> set[int]:
+        return set(self._watched)
+
     def watch(self, pid: int, pidfd: int, on_exit: ExitCallback) -> None:
         self._watched[pid] = (pidfd, on_exit)
         self._loop.add_reader(pidfd, self._on_pidfd_readable, pid)
