@@ -263,6 +263,20 @@ def describe(target: str, as_json: bool, show_secrets: bool) -> None:
     render.describe([a for a in apps if isinstance(a, dict)] if isinstance(apps, list) else [])
 
 
+@cli.command(name="env")
+@click.argument("target")
+@click.option("--show-secrets", is_flag=True, help="show values whose names look secret")
+@handles_errors
+def env_command(target: str, show_secrets: bool) -> None:
+    """The environment an app is given by its config (secret-looking values masked)."""
+    result = Client().call(Command.DESCRIBE, {"target": target, "show_secrets": show_secrets})
+    for app in result.get("apps") or []:  # type: ignore[union-attr]
+        spec = app.get("spec") if isinstance(app, dict) else None
+        env = spec.get("env") if isinstance(spec, dict) else None
+        for name, value in (env or {}).items() if isinstance(env, dict) else []:
+            click.echo(f"{name}={render.neutralise(str(value))}")
+
+
 @cli.command()
 @click.argument("target", default="all")
 @click.option("--lines", default=15, show_default=True, help="last lines of each log to show")
@@ -404,6 +418,57 @@ def resurrect() -> None:
     code = _report(result, "started")
     _show_list(client)
     sys.exit(code)
+
+
+# ---------------------------------------------------------------- OS service (cli/startup.py)
+
+_INIT_CHOICE = click.Choice(["systemd", "launchd"])
+
+
+@cli.command()
+@click.argument("init_system", required=False, type=_INIT_CHOICE)
+@click.option("--print", "print_only", is_flag=True, help="print the unit instead of installing it")
+@click.option("--user", "user_name", help="as root: the user pmxd runs as (default: SUDO_USER, "
+              "else root)")
+@click.option("--home", "pmx_home", help="PMX_HOME of the service (default: $PMX_HOME when it is "
+              "yours, else ~USER/.pmx)")
+@click.option("--unit-dir", hidden=True, help="write the unit here instead (tests, staging)")
+@handles_errors
+def startup(init_system: str | None, print_only: bool, user_name: str | None,
+            pmx_home: str | None, unit_dir: str | None) -> None:
+    """Start pmxd at boot with the apps of the last `pmx save` (systemd or launchd).
+
+    \b
+      pmx startup                  detect the init system, write and enable the unit
+      pmx startup systemd --print  show the unit without installing it
+      pmx unstartup                disable and remove it
+    """
+    from . import startup as service
+
+    sys.exit(service.startup(init_system, print_only=print_only, user=user_name,
+                             pmx_home=pmx_home, unit_dir=unit_dir))
+
+
+@cli.command()
+@click.argument("init_system", required=False, type=_INIT_CHOICE)
+@click.option("--user", "user_name", help="as root: the user whose unit to remove")
+@click.option("--unit-dir", hidden=True, help="remove the unit from here instead")
+@handles_errors
+def unstartup(init_system: str | None, user_name: str | None, unit_dir: str | None) -> None:
+    """Disable and remove the unit `pmx startup` installed (a running pmxd keeps running)."""
+    from . import startup as service
+
+    sys.exit(service.unstartup(init_system, user=user_name, unit_dir=unit_dir))
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="print one snapshot of the table and exit")
+@handles_errors
+def monit(once: bool) -> None:
+    """Live monitor: processes, CPU, memory and logs, with keys to act on them."""
+    from . import monit as live  # imports textual: only this command pays for it
+
+    sys.exit(live.run(Client(), once=once or not sys.stdout.isatty()))
 
 
 def main() -> None:

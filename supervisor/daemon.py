@@ -329,6 +329,8 @@ class Daemon:
                 log.error("cannot restart an app of the previous pmxd: %s", exc)
 
     def _exit_when_all_ended(self) -> None:
+        if self._stopping.is_set():
+            return  # stopping on SIGTERM: apps ending of their stop signal is expected
         if any(app.busy is not None for app in self.apps.values()):
             return  # a restart passes through "stopped" on purpose
         instances = [i for app in self.apps.values() for i in app.all_instances()]
@@ -377,7 +379,11 @@ class Daemon:
         log.info("pmxd %s started (pid %d, home %s, fd limit %d)", __version__, os.getpid(),
                  self.home, self.fd_limit)
         if resurrect:
-            await self._resurrect()
+            try:
+                await self._resurrect()
+            except PmxError as exc:
+                # A service must come up even with a damaged dump: say why, start nothing.
+                log.error("cannot resurrect: %s", exc)
         for file in files:
             try:
                 specs = parse_ecosystem(file, env_name=env_name)

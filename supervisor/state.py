@@ -53,8 +53,16 @@ def write_dump(path: Path, specs: Sequence[AppSpec]) -> None:
 
 
 def read_dump(path: Path) -> list[AppSpec]:
+    """The dump's apps; a dump saved empty (`pmx save --force`) holds `apps = []`."""
+    import tomllib
+
     if not path.exists():
         return []
+    try:
+        if tomllib.loads(path.read_text(encoding="utf-8")).get("apps") == []:
+            return []
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass  # parse_ecosystem says what is wrong
     return parse_ecosystem(path)
 
 
