@@ -143,7 +143,8 @@ for fd in sources:
 for slot, fd in enumerate(moved):
     os.dup2(fd, 3 + slot)
     os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
+if "LISTEN_FDS" in os.environ:
+    os.environ["LISTEN_PID"] = str(os.getpid())
 try:
     os.execvp(argv[0], argv)
 except OSError as exc:
@@ -253,10 +254,13 @@ class Instance:
                       "NOTIFY_SOCKET"):
             env.pop(stale, None)
         if inheritance is not None:
-            env.update({
-                "LISTEN_FDS": str(len(inheritance.fds)),
-                "LISTEN_FDNAMES": ":".join(inheritance.names), "PMX_LISTEN_FD": "3",
-            })
+            env["PMX_LISTEN_FD"] = "3"
+            # An app told its fd by argument ({fd}) gets no socket-activation variables:
+            # servers such as gunicorn adopt LISTEN_FDS by themselves, close the fd, and
+            # would then fail on --bind fd://3.
+            if not any("{fd}" in arg for arg in spec.args):
+                env.update({"LISTEN_FDS": str(len(inheritance.fds)),
+                            "LISTEN_FDNAMES": ":".join(inheritance.names)})
             if inheritance.port is not None:
                 env["PORT"] = str(inheritance.port)
         notify = getattr(self._runtime, "notify_socket_path", None)
