@@ -50,15 +50,19 @@ def neutralise(text: str) -> str:
 
 
 def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", expand=False, pad_edge=False)
+    # A light box: on an 80-column terminal every column fits, listen addresses included.
+    table = Table(title=title, header_style="bold", expand=False, box=box.SIMPLE_HEAD,
+                  pad_edge=False)
     for column, justify in (("id", "right"), ("name", "left"), ("mode", "left"),
                             ("pid", "right"), ("uptime", "right"), ("↺", "right"),
                             ("status", "left"), ("cpu", "right"), ("mem", "right"),
                             ("listen", "left")):
-        table.add_column(column, justify=justify, no_wrap=column != "listen")  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, no_wrap=column != "listen",  # type: ignore[arg-type]
+                         overflow="fold", min_width=8 if column == "status" else None)
     for row in rows:
         status = str(row.get("status", ""))
         listen = row.get("listen") or []
@@ -67,7 +71,7 @@ def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = No
             str(row.get("exec_mode")), str(row.get("pid") or "-"),
             human_duration(row.get("uptime")), str(row.get("restarts")),
             f"[{STATUS_STYLE.get(status, '')}]{status}[/]", f"{row.get('cpu', 0)}%",
-            human_size(row.get("memory")),
+            human_size(row.get("memory")) if row.get("memory") else "-",
             ", ".join(str(a) for a in listen) if isinstance(listen, list) else "",
         )
     console = Console()
