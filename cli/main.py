@@ -400,6 +400,32 @@ def _alive(pid: int) -> bool:
 
 
 @cli.command()
+@handles_errors
+def update() -> None:
+    """Replace the running pmxd with the installed version (apps restart once)."""
+    client = Client()
+    before = client.call(Command.PING)
+    began = time.monotonic()
+    client.call(Command.UPDATE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            after = client.call(Command.PING, timeout_s=1)
+            restarted = after.get("uptime", 1e9) < before.get("uptime", 0)  # type: ignore[operator]
+            if restarted and after.get("apps") == before.get("apps"):
+                break
+        except PmxError:
+            pass
+        if time.monotonic() > deadline:
+            _fail("the new pmxd did not answer within 30s; see PMX_HOME/pmxd.log", ExitCode.FAILED)
+        time.sleep(0.05)
+    click.echo(f"[pmx] pmxd {before.get('version')} -> {after.get('version')} (pid "
+               f"{after.get('pid')}); its {after.get('apps')} apps restarted; "
+               f"{time.monotonic() - began:.2f}s in all")
+    _show_list(client)
+
+
+@cli.command()
 @click.option("--force", is_flag=True, help="save even an empty list over a non-empty dump")
 @handles_errors
 def save(force: bool) -> None:

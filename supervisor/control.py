@@ -147,6 +147,12 @@ class ControlServer:
         except zmq.ZMQError as exc:
             log.warning("reply %s could not be sent: %s", reply.id, exc)
 
+    def close_now(self) -> None:
+        """Close the sockets at once (before exec): pending requests are dropped."""
+        self._router.close(linger=0)
+        self._pub.close(linger=0)
+        self._context.term()
+
     async def close(self) -> None:
         if self._receiver is not None:
             self._receiver.cancel()

@@ -192,6 +192,7 @@ class Daemon:
             Command.SAVE: self.cmd_save,
             Command.RESURRECT: self.cmd_resurrect,
             Command.KILL: self.cmd_kill,
+            Command.UPDATE: self.cmd_update,
         }
         self.control = ControlServer(home, handlers)
         self.notify = NotifySocket(self.loop, home / "notify.sock", self._on_notify)
@@ -778,6 +779,31 @@ class Daemon:
         self.loop.call_later(0.05, self._stopping.set)
         return {"pid": os.getpid(), "stopped": True}
 
+    async def cmd_update(self, request: Request) -> JsonObject:
+        """Replace this pmxd with the installed version, in place (same pid).
+
+        The new image finds state.json, stops the apps the old one ran and starts them
+        again: apps restart once. Keeping them running across the exec would need every
+        pipe, socket and pidfd handed over, which pmx does not do yet."""
+        for app in self.apps.values():
+            if app.busy is not None:
+                raise CommandError("busy", f'app "{app.name}" is busy: {app.busy} is running')
+        self._write_state_now()
+        self.loop.call_later(0.05, self._exec_new_version)
+        return {"pid": os.getpid(), "apps": len(self.apps)}
+
+    def _exec_new_version(self) -> None:
+        log.info("pmxd %s replacing itself with the installed version", __version__)
+        self.control.close_now()
+        self.notify.close()
+        argv = [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(self.home),
+                "--foreground", "--log-file", "--monitor-interval", str(self.monitor_interval_s)]
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as exc:
+            log.error("cannot exec the new pmxd: %s; stopping", exc)
+            self._stopping.set()
+
     def transitional_count(self) -> int:
         return sum(1 for app in self.apps.values() for inst in app.all_instances()
                    if inst.state in TRANSITIONAL)
@@ -870,6 +896,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", dest="env_name", help="env_NAME table of the files to use")
     parser.add_argument("--monitor-interval", type=float, default=None,
                         help="seconds between CPU/memory samples (default 1, at least 0.1)")
+    parser.add_argument("--log-file", action="store_true",
+                        help="with --foreground: log to PMX_HOME/pmxd.log, not stderr")
     parser.add_argument("--runtime", action="store_true",
                         help="container mode: app output to stdout, exit when every app ended")
     parser.add_argument("--version", action="version", version=f"pmxd {__version__}")
@@ -914,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(int(ExitCode.FAILED))
         print(f"pmxd: {exc}", file=sys.stderr)
         return int(ExitCode.FAILED)
-    _setup_logging(home, args.foreground)
+    _setup_logging(home, args.foreground and not args.log_file)
     try:
         async def amain() -> int:
             # Files on a foreground command line mean a container's entry point.

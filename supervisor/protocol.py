@@ -57,6 +57,7 @@ class Command(enum.StrEnum):
     SAVE = "save"
     RESURRECT = "resurrect"
     KILL = "kill"
+    UPDATE = "update"
 
 
 class ErrorCode(enum.StrEnum):

@@ -76,3 +76,15 @@ listen = "127.0.0.1:{port}"
         service.wait(30)
         log.close()
     assert service.returncode == 0
+
+
+def test_update_replaces_pmxd_and_restarts_its_apps_once(pmx: Pmx) -> None:
+    pmx.run("start", app_path("ignore_signals.py"), "--name", "a", "-i", "2")
+    before = pmx.wait_status("a", "online", count=2)
+    daemon = pmx.daemon_pid()
+    result = pmx.run("update")
+    assert "apps restarted" in result.stdout
+    after = pmx.wait_status("a", "online", count=2)
+    assert pmx.daemon_pid() == daemon  # replaced in place, so a service manager sees no exit
+    assert not {r["pid"] for r in before} & {r["pid"] for r in after}
+    assert not any(pid_alive(r["pid"]) for r in before)
