@@ -69,7 +69,8 @@ class Client:
     def call(self, command: Command, args: JsonObject | None = None, *,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> JsonObject:
         """Send one request, wait for its reply; raise CommandError for error replies."""
-        if not self.rpc_path.exists():
+        if not self.rpc_path.exists() or not (self.home / "pmxd.pid").exists():
+            # pmxd removes both when it stops; a socket without a pid file is stale.
             raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
         self._check_access()
         request = Request(command, args or {})

@@ -13,22 +13,25 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from pmx.supervisor import __version__
-from pmx.supervisor.config import AppSpec, parse_app, parse_ecosystem
 from pmx.supervisor.errors import ConfigError, ExitCode, PmxError
 from pmx.supervisor.protocol import Command, Json, JsonObject, log_topic
 
 from . import render
 from .client import Client
 
+if TYPE_CHECKING:  # config (and tomllib) load only for the commands that read files
+    from pmx.supervisor.config import AppSpec
+
 F = TypeVar("F", bound=Callable[..., object])
 
 
 def _fail(message: str, code: ExitCode) -> None:
-    click.echo(f"pmx: {message}", err=True)
+    # One line, and nothing a terminal would act on, whatever the daemon sent.
+    click.echo(f"pmx: {render.neutralise(' '.join(message.splitlines()))}", err=True)
     sys.exit(int(code))
 
 
@@ -59,6 +62,8 @@ def _looks_like_ecosystem(target: str) -> bool:
 def _specs_for_script(script: str, name: str | None, instances: str | None,
                       interpreter: str | None, extra: tuple[str, ...],
                       listen: tuple[str, ...], max_memory: str | None) -> list[AppSpec]:
+    from pmx.supervisor.config import parse_app
+
     table: dict[str, object] = {"name": name or Path(script).stem, "script": script}
     if extra:
         table["args"] = list(extra)
@@ -81,7 +86,7 @@ def _report(result: JsonObject, verb: str) -> int:
         click.echo(f"[pmx] {verb}: {', '.join(map(str, names))}")
     if isinstance(errors, list):
         for error in errors:
-            click.echo(f"pmx: {error}", err=True)
+            click.echo(f"pmx: {render.neutralise(' '.join(str(error).splitlines()))}", err=True)
         if errors:
             return int(ExitCode.FAILED)
     return int(ExitCode.OK)
@@ -115,6 +120,8 @@ def start(target: str, script_args: tuple[str, ...], name: str | None, instances
       pmx start server.py --name web
       pmx start ./bin/server --name bin -- --port 9000
     """
+    from pmx.supervisor.config import parse_ecosystem
+
     client = Client()
     if _looks_like_ecosystem(target):
         specs = parse_ecosystem(target, env_name=env_name, only=only)
@@ -168,6 +175,8 @@ def reload(target: str, update_env: bool, env_name: str | None) -> None:
     client = Client()
     args: JsonObject
     if _looks_like_ecosystem(target):
+        from pmx.supervisor.config import parse_ecosystem
+
         specs = parse_ecosystem(target, env_name=env_name)
         args = {"apps": [_jsonable(spec.to_table()) for spec in specs],
                 "base_env": dict(os.environ), "update_env": update_env}
@@ -370,7 +379,7 @@ def ping() -> None:
 def kill() -> None:
     """Stop every app, then the daemon."""
     client = Client()
-    if not client.rpc_path.exists():
+    if not client.rpc_path.exists() or not (client.home / "pmxd.pid").exists():
         click.echo("[pmx] pmxd is not running")
         return
     result = client.call(Command.KILL, timeout_s=120)
@@ -411,7 +420,7 @@ def update() -> None:
     while True:
         try:
             after = client.call(Command.PING, timeout_s=1)
-            restarted = after.get("uptime", 1e9) < before.get("uptime", 0)  # type: ignore[operator]
+            restarted = after.get("started") != before.get("started")
             if restarted and after.get("apps") == before.get("apps"):
                 break
         except PmxError:

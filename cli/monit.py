@@ -6,8 +6,8 @@ the wire format to `protocol`, requests to `client.Client` and the one-shot snap
 (`--once`, or stdout not a terminal) to `render.instance_table`.
 
 Data flow: one `list` at start (and after a reconnect) seeds the board; afterwards it
-changes only with publications: state events (`event.<app>.`), stats (`stats.`, every
-second: cpu and memory per pid) and log lines (`log.<app>.`). A state event carries no
+changes only with publications: state events (`event.*`), stats (`stats.`, every second:
+cpu and memory per pid) and log lines (`log.*`). A state event carries no
 restart count, exec mode or listen address, and nothing is published when an app is
 deleted, so an app whose instances started or stopped is refreshed with one `describe`
 (coalesced: at most one per app per half second). Nothing polls `list`.
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,7 +71,7 @@ MAX_LOG_LINES = 2000  # per view (all apps, and each app)
 MAX_LOG_WRITES = 300  # lines drawn per batch; more than that cannot be read anyway
 MAX_BATCH_EVENTS = 20000
 EVENTS_PER_APP = 50
-BATCH_S = 0.1
+BATCH_S = 0.2  # at most five screen updates a second from the stream
 STATS_SILENCE_S = 3.0
 PING_TIMEOUT_S = 1.5
 RECONNECT_S = 1.0
@@ -214,7 +216,10 @@ class Board:
         for fresh in described:
             current = self.rows.get(fresh.key)
             if current is None:
-                if fresh.pid is None or fresh.pid not in self._retired:
+                # Unless the reply is older than what the stream said since: a replacement
+                # already promoted, or the old process of one.
+                known = {row.pid for row in self.rows.values()} | set(self._retired)
+                if fresh.pid is None or fresh.pid not in known:
                     self._add(fresh)
                 continue
             current.exec_mode, current.listen = fresh.exec_mode, fresh.listen
@@ -430,9 +435,10 @@ class Seeded(Message):
 
 
 class Disconnected(Message):
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, crash: str | None = None) -> None:
         super().__init__()
         self.why = why
+        self.crash = crash  # a traceback: the feed thread hit a bug and stopped
 
 
 class CallDone(Message):
@@ -489,18 +495,20 @@ class Feed:
                     sock.close(linger=0)
                     sock = None
                     self._down(f"pmxd is not running (home {_shown(self._home)})")
-        except Exception as exc:  # a bug: say so on screen rather than freeze silently
-            self._down(f"monit feed failed: {type(exc).__name__}: {exc}")
-            raise
+        except Exception as exc:
+            # A bug. Say so on screen; the traceback is printed once the terminal is back.
+            self._is_down = False
+            self._down(f"pmx monit stopped following pmxd: bug: {type(exc).__name__}: {exc}",
+                       traceback.format_exc())
         finally:
             if sock is not None:
                 sock.close(linger=0)
             client.close()
 
-    def _down(self, why: str) -> None:
+    def _down(self, why: str, crash: str | None = None) -> None:
         if not self._is_down:
             self._is_down = True
-            _post(self._app, Disconnected(why))
+            _post(self._app, Disconnected(why, crash))
 
     def _connect(self, client: Client) -> zmq.Socket[bytes] | None:
         sock = None
@@ -590,8 +598,8 @@ class Calls:
                     result = call(client)
                 except PmxError as exc:
                     result = exc
-                except zmq.ZMQError as exc:
-                    result = PmxError(f"ZeroMQ error: {exc}")
+                except Exception as exc:  # a bug, or ZeroMQ failing: shown as the outcome
+                    result = PmxError(f"{type(exc).__name__}: {exc}")
                 _post(self._app, CallDone(done, result))
         finally:
             client.close()
@@ -699,10 +707,10 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def __init__(self, question: str) -> None:
         super().__init__()
-        self._question = question
+        self.question = question
 
     def compose(self) -> ComposeResult:
-        yield Static(Text.assemble(self._question, "\n\n", ("y", "bold"), " yes   ",
+        yield Static(Text.assemble(self.question, "\n\n", ("y", "bold"), " yes   ",
                                    ("n", "bold"), " / ", ("esc", "bold"), " no"))
 
     def on_key(self, event: events.Key) -> None:
@@ -765,6 +773,7 @@ class MonitApp(App[int]):
         self.selected_key: str | None = None
         self.is_connected = False
         self.outcomes: list[str] = []  # what the actions reported, newest last
+        self.crash_report: str | None = None
         self._logs_all: deque[LogLine] = deque(maxlen=MAX_LOG_LINES)
         self._logs_by_app: dict[str, deque[LogLine]] = {}
         self._described: dict[str, JsonObject] = {}  # app -> describe's app object
@@ -772,6 +781,7 @@ class MonitApp(App[int]):
         self._shown_keys: list[str] = []
         self._cells: dict[str, tuple[tuple[str, str], ...]] = {}
         self._widths: dict[str, int] = {}
+        self._shown_content: dict[str, object] = {}  # selector -> what it shows
         self._refresh_timer: Timer | None = None
         self._select_timer: Timer | None = None
         self._feed: Feed | None = None
@@ -829,6 +839,9 @@ class MonitApp(App[int]):
 
     def on_seeded(self, message: Seeded) -> None:
         reconnect = not self.is_connected and bool(self.board.rows)
+        if reconnect:  # maybe another pmxd: ids start again from 0
+            self._described.clear()
+            self._instance_info.clear()
         self.board.seed(message.rows, time.time(), reset_history=reconnect)
         self.is_connected = True
         self.query_one("#banner").display = False
@@ -839,8 +852,9 @@ class MonitApp(App[int]):
 
     def on_disconnected(self, message: Disconnected) -> None:
         self.is_connected = False
+        self.crash_report = self.crash_report or message.crash
         banner = self.query_one("#banner", Static)
-        banner.update(f" {message.why}; waiting for it to come back (q quits)")
+        banner.update(Text(f" {message.why}; waiting for it to come back (q quits)"))
         banner.display = True
         self.query_one("#table").add_class("stale")
         self._show_header()
@@ -848,8 +862,9 @@ class MonitApp(App[int]):
     def on_feed_batch(self, message: FeedBatch) -> None:
         batch = message.batch
         try:
-            selected = self.board.rows.get(self.selected_key or "")
+            selected = self.selected_row()
             before = (selected.status, selected.pid) if selected else None
+            touched = {_str(body.get("app")) for body in batch.events}
             for body in batch.events:
                 self.board.apply_event(body)
             for body in batch.stats:
@@ -862,8 +877,8 @@ class MonitApp(App[int]):
                 self._sync_table()
                 self._show_header()
                 self._show_charts()
-                after = self.board.rows.get(self.selected_key or "")
-                if batch.events or (after and (after.status, after.pid) != before):
+                after = self.selected_row()
+                if after is None or after.app in touched or (after.status, after.pid) != before:
                     self._show_details()
             if self.board.dirty and self._refresh_timer is None:
                 self._refresh_timer = self.set_timer(REFRESH_DELAY_S, self._refresh_dirty)
@@ -962,7 +977,7 @@ class MonitApp(App[int]):
 
     def _rebuild_table(self, table: ProcessTable, rows: list[Row], widths: dict[str, int],
                        now: float) -> None:
-        selected = self.selected_key
+        selected = self._cursor_key()
         old_index = table.cursor_row
         table.clear(columns=True)
         for index, column in enumerate(COLUMNS):
@@ -1017,7 +1032,15 @@ class MonitApp(App[int]):
             self._describe(str(row.id), whole_app=False, app=row.app)
 
     def selected_row(self) -> Row | None:
-        return self.board.rows.get(self.selected_key or "")
+        """The row under the cursor. Read from the table, not from the last RowHighlighted
+        message: keys typed quickly ("j j d") run before those messages arrive."""
+        return self.board.rows.get(self._cursor_key() or "")
+
+    def _cursor_key(self) -> str | None:
+        table = self.query_one("#table", ProcessTable)
+        if not table.row_count or not table.is_valid_coordinate(table.cursor_coordinate):
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value
@@ -1047,39 +1070,52 @@ class MonitApp(App[int]):
             header.append(f"  cpu {cpu:.1f}%  mem {render.human_size(memory) if memory else '-'}")
         if self.filter_text:
             header.append(f"  filter: {self.filter_text}", style="bold cyan")
-        self.query_one("#header", Static).update(header)
+        self._update("#header", header)
         title = "processes" + (f" (filter: {self.filter_text})" if self.filter_text else "")
-        self.query_one("#processes").border_title = title
+        self.query_one("#processes").border_title = Text(title)  # Text: never markup
+
+    def _update(self, selector: str, content: Text, key: object = None) -> None:
+        """Static.update only when the content changed: an update lays the screen out
+        again, and most batches change nothing in most panels."""
+        key = content if key is None else key
+        if self._shown_content.get(selector) != key:
+            self._shown_content[selector] = key
+            self.query_one(selector, Static).update(content)
 
     def _show_details(self) -> None:
-        detail = self.query_one("#detail-text", Static)
         row = self.selected_row()
         if row is None:
             if not self.is_connected:
-                detail.update(Text("waiting for pmxd…", style="dim"))
+                self._update("#detail-text", Text("waiting for pmxd…", style="dim"))
             elif not self.board.rows:
-                detail.update(Text.from_markup("[dim]no apps; start one with[/] pmx start "
-                                               "ecosystem.toml"))
+                self._update("#detail-text", Text.from_markup(
+                    "[dim]no apps; start one with[/] pmx start ecosystem.toml"))
             else:
-                detail.update(Text("no instance matches the filter", style="dim"))
+                self._update("#detail-text", Text("no instance matches the filter", style="dim"))
             self.query_one("#middle").border_title = "details"
             return
-        self.query_one("#middle").border_title = f"{row.label} (id {row.id})"
-        detail.update(self._detail_text(row))
+        self.query_one("#middle").border_title = Text(f"{row.label} (id {row.id})")
+        lines = self._detail_lines(row)
+        if self._shown_content.get("#detail-text") != lines:
+            self._shown_content["#detail-text"] = lines
+            grid = Table.grid(padding=(0, 1))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(overflow="fold")
+            for key, value, style in lines:
+                grid.add_row(key, Text(value, style=style))
+            self.query_one("#detail-text", Static).update(grid)
 
-    def _detail_text(self, row: Row) -> Table:
-        """The selected instance: state first (what a small screen shows), then how it
-        runs, then the app's recent events."""
+    def _detail_lines(self, row: Row) -> list[tuple[str, str, str]]:
+        """The selected instance as (key, value, style): state first (what a small screen
+        shows), then how it runs, then the app's recent events."""
         app = self._described.get(row.app, {})
         spec = app.get("spec")
         spec = spec if isinstance(spec, dict) else {}
         info = self._instance_info.get(row.id, {})
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="bold", no_wrap=True)
-        grid.add_column(overflow="fold")
+        lines: list[tuple[str, str, str]] = []
 
         def line(key: str, value: str, style: str = "") -> None:
-            grid.add_row(key, Text(render.neutralise(value), style=style))
+            lines.append((key, render.neutralise(value), style))
 
         since = time.strftime("%H:%M:%S", time.localtime(row.since)) if row.since else "?"
         line("status", f"{row.status} since {since}: {row.reason}",
@@ -1115,9 +1151,8 @@ class MonitApp(App[int]):
             line("limits", ", ".join(limits))
         recent = list(self.board.events.get(row.app, ()))[-8:]
         if recent:
-            grid.add_row("events", Text("\n".join(render.neutralise(e) for e in reversed(recent)),
-                                        style="dim"))
-        return grid
+            line("events", "\n".join(reversed(recent)), "dim")
+        return lines
 
     def _show_charts(self) -> None:
         row = self.selected_row()
@@ -1127,10 +1162,10 @@ class MonitApp(App[int]):
         self.query_one("#cpu-spark", Sparkline).data = _chart(cpu)
         self.query_one("#mem-spark", Sparkline).data = _chart(memory)
         now_cpu = f"{row.cpu:.1f}%" if row is not None else "-"
-        now_mem = render.human_size(row.memory) if row is not None else "-"
-        self.query_one("#cpu-label", Static).update(Text.assemble(
+        now_mem = render.human_size(row.memory) if row is not None and row.memory else "-"
+        self._update("#cpu-label", Text.assemble(
             ("cpu ", "bold"), now_cpu, (f"  max {max(cpu, default=0):.1f}%", "dim")))
-        self.query_one("#mem-label", Static).update(Text.assemble(
+        self._update("#mem-label", Text.assemble(
             ("mem ", "bold"), now_mem,
             (f"  max {render.human_size(max(memory, default=0))}", "dim")))
 
@@ -1138,8 +1173,8 @@ class MonitApp(App[int]):
 
     def _title_log(self) -> None:
         log = self.query_one("#log", RichLog)
-        log.border_title = (f"logs: {self.following} (enter: all apps)" if self.following
-                            else "logs: all apps (enter: the selected app)")
+        log.border_title = Text(f"logs: {self.following} (enter: all apps)" if self.following
+                                else "logs: all apps (enter: the selected app)")
 
     def _log_text(self, line: LogLine) -> Text:
         is_error = line.stream == "error"
@@ -1156,19 +1191,24 @@ class MonitApp(App[int]):
                 shown.append(line)
         log = self.query_one("#log", RichLog)
         skipped = dropped + max(0, len(shown) - MAX_LOG_WRITES)
+        texts = [self._log_text(line) for line in shown[-MAX_LOG_WRITES:]]
         if skipped:
-            log.write(Text(f"… {skipped} lines not shown (pmx logs has them all)",
-                           style="dim italic"))
-        for line in shown[-MAX_LOG_WRITES:]:
-            log.write(self._log_text(line))
+            texts.insert(0, Text(f"… {skipped} lines not shown (pmx logs has them all)",
+                                 style="dim italic"))
+        if texts:
+            log.write(Text("\n", no_wrap=True).join(texts))  # one write: far cheaper than N
 
     def _redraw_log(self) -> None:
         log = self.query_one("#log", RichLog)
         log.clear()
         source = self._logs_all if self.following is None else \
             self._logs_by_app.get(self.following, deque())
-        for line in list(source)[-MAX_LOG_WRITES * 2:]:
-            log.write(self._log_text(line))
+        texts = [self._log_text(line) for line in list(source)[-MAX_LOG_WRITES * 2:]]
+        if not texts and self.following is not None:
+            texts = [Text(f"no lines from {self.following} since monit started; "
+                          f"pmx logs {self.following} shows its log files", style="dim italic")]
+        if texts:
+            log.write(Text("\n", no_wrap=True).join(texts))
 
     def log_lines(self) -> list[str]:
         """The text the log panel holds (for tests)."""
@@ -1186,7 +1226,7 @@ class MonitApp(App[int]):
         self.filter_text = event.value.strip()
         self._sync_table()
         self._show_header()
-        if self.selected_row() is None or self.selected_key not in self._shown_keys:
+        if self.selected_row() is None:
             self._show_details()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -1254,7 +1294,8 @@ class MonitApp(App[int]):
                 outcome = f"{verb} {shown} failed: {result}"
                 self.notify(outcome, severity="error", timeout=12, markup=False)
             else:
-                errors = [str(e) for e in result.get("errors") or []]  # type: ignore[union-attr]
+                reported = result.get("errors")
+                errors = [str(e) for e in reported] if isinstance(reported, list) else []
                 outcome = f"{done_verb} {shown}" + (f"; {'; '.join(errors)}" if errors else "")
                 self.notify(outcome, severity="error" if errors else "information",
                             timeout=12 if errors else 4, markup=False)
@@ -1284,5 +1325,9 @@ def run(client: Client, *, once: bool) -> int:
     if once:
         snapshot(client)
         return 0
-    MonitApp(client.home).run()
+    app = MonitApp(client.home)
+    app.run()
+    if app.crash_report:
+        print(app.crash_report, file=sys.stderr)
+        return 1
     return 0

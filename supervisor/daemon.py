@@ -211,7 +211,8 @@ class Daemon:
         self.control.publish(event_topic(instance.app), {
             "kind": "state", "app": instance.app, "id": instance.id,
             "instance": instance.index, "pid": instance.pid, "state": instance.state.value,
-            "reason": instance.reason, "time": instance.since,
+            "reason": instance.reason, "time": instance.since, "restarts": instance.restarts,
+            "exec_mode": instance.spec.exec_mode,
         })
 
     def publish_event(self, app: str, kind: str, message: str) -> None:
@@ -407,6 +408,8 @@ class Daemon:
         await asyncio.sleep(0)  # let the last replies go out
         await self.control.close()
         self.notify.close()
+        for socket_file in (self.control.rpc_path, self.control.pub_path):
+            socket_file.unlink(missing_ok=True)  # so clients say "not running" at once
         self.log_files.close_all()
         self._worker.shutdown(wait=True)
         (self.home / STATE_NAME).unlink(missing_ok=True)  # a clean stop leaves nothing to recover
@@ -440,10 +443,10 @@ class Daemon:
                 log.exception("bug: sampling failed")
                 samples = []
             self.stats = {sample.pid: sample for sample in samples}
-            if samples or roots:
-                self.control.publish(STATS_TOPIC, {"time": time.time(), "instances": [
-                    {"id": s.id, "pid": s.pid, "cpu": s.cpu, "memory": s.memory,
-                     "processes": s.processes} for s in samples]})
+            # Published even when nothing runs, so subscribers can tell pmxd is alive.
+            self.control.publish(STATS_TOPIC, {"time": time.time(), "instances": [
+                {"id": s.id, "pid": s.pid, "cpu": s.cpu, "memory": s.memory,
+                 "processes": s.processes} for s in samples]})
             self._enforce_memory_limits()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.01, self.monitor_interval_s - elapsed))
@@ -482,7 +485,7 @@ class Daemon:
             return [(app, None) for app in self.apps.values()]
         if target in self.apps:
             return [(self.apps[target], None)]
-        if target.isdigit():
+        if target.isascii() and target.isdigit():
             wanted = int(target)
             for app in self.apps.values():
                 for instance in app.instances.values():
@@ -495,6 +498,7 @@ class Daemon:
 
     async def cmd_ping(self, request: Request) -> JsonObject:
         return {"version": __version__, "pid": os.getpid(), "home": str(self.home),
+                "started": self.started,
                 "uptime": round(time.time() - self.started, 1), "apps": len(self.apps)}
 
     def _instance_row(self, app: AppGroup, instance: Instance) -> JsonObject:
@@ -708,6 +712,7 @@ class Daemon:
                     await app.delete()
                     self.apps.pop(app.name, None)
                     deleted.append(app.name)
+                    self.publish_event(app.name, "removed", f'app "{app.name}" deleted')
                 else:
                     for instance in chosen:
                         await instance.stop("deleted")
@@ -722,7 +727,8 @@ class Daemon:
         name, count = request.args.get("target"), request.args.get("count")
         if not isinstance(name, str) or name not in self.apps:
             raise CommandError("not_found", f"no app named {name!r}")
-        if not isinstance(count, str) or not count.lstrip("+-").isdigit():
+        digits = count.lstrip("+-") if isinstance(count, str) else ""
+        if not isinstance(count, str) or not (digits.isascii() and digits.isdigit()):
             raise CommandError("bad_args", 'count must be a number like 4, "+2" or "-1"')
         app = self.apps[name]
         wanted = app.spec.instances + int(count) if count[0] in "+-" else int(count)

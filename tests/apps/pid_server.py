@@ -36,6 +36,8 @@ if os.environ.get("LEAK_MB_PER_S") and os.environ.get("LEAK_INSTANCE") == os.env
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP only: headers and body leave at once, no 40 ms delayed ACK. Set in main().
+    disable_nagle_algorithm = False
 
     def do_GET(self) -> None:
         if self.path == "/slow":
@@ -63,7 +65,9 @@ if os.environ.get("LISTEN_PID") == str(os.getpid()):
     sock = socket.socket(fileno=3)
     server = Server(sock.getsockname(), Handler, bind_and_activate=False)
     server.socket.close()
+    sock.setblocking(False)  # shared with the other instances: never wait in accept()
     server.socket = sock
+    Handler.disable_nagle_algorithm = sock.family != socket.AF_UNIX
 else:
     server = Server(("127.0.0.1", int(os.environ["PORT"])), Handler)
 
