@@ -597,16 +597,8 @@ class Daemon:
         base_env = request.args.get("base_env", {})
         if not isinstance(tables, list) or not tables or not isinstance(base_env, dict):
             raise CommandError("bad_args", '"apps" must be a non-empty list of app tables')
-        specs: list[AppSpec] = []
-        for index, table in enumerate(tables):
-            if not isinstance(table, dict):
-                raise CommandError("bad_args", f"apps[{index}] must be an object")
-            try:
-                specs.append(spec_from_table(table, source=f"request apps[{index}]"))
-            except ConfigError as exc:
-                raise CommandError("bad_args", str(exc)) from None
-        env = {str(k): str(v) for k, v in base_env.items() if isinstance(v, str)}
-        return await self._start_specs(specs, env)
+        specs = _specs_from_request(tables)
+        return await self._start_specs(specs, _env_from_request(base_env))
 
     async def cmd_stop(self, request: Request) -> JsonObject:
         targets = self._resolve(request.args.get("target"))
@@ -653,14 +645,7 @@ class Daemon:
 
     async def _reload_specs(self, tables: list[Json], base_env: Json,
                             update_env: bool) -> JsonObject:
-        specs: list[AppSpec] = []
-        for index, table in enumerate(tables):
-            if not isinstance(table, dict):
-                raise CommandError("bad_args", f"apps[{index}] must be an object")
-            try:
-                specs.append(spec_from_table(table, source=f"request apps[{index}]"))
-            except ConfigError as exc:
-                raise CommandError("bad_args", str(exc)) from None
+        specs = _specs_from_request(tables)
         new_apps = [spec for spec in specs if spec.name not in self.apps]
         changed = [(self.apps[s.name], s) for s in specs if s.name in self.apps]
         for app, spec in changed:
@@ -670,12 +655,10 @@ class Daemon:
                                    "needs `pmx delete` then `pmx start`")
         if update_env and isinstance(base_env, dict):
             for app, _ in changed:
-                app.base_env = {str(k): str(v) for k, v in base_env.items() if isinstance(v, str)}
+                app.base_env = _env_from_request(base_env)
         result = await self._reload_apps(changed)
         if new_apps:
-            env = {str(k): str(v) for k, v in (base_env or {}).items()  # type: ignore[union-attr]
-                   if isinstance(v, str)}
-            started = await self._start_specs(new_apps, env)
+            started = await self._start_specs(new_apps, _env_from_request(base_env))
             result["started"] = started["started"]
         return result
 
@@ -771,10 +754,9 @@ class Daemon:
             specs = read_dump(path)
         except ConfigError as exc:
             raise CommandError("failed", str(exc)) from None
-        result = await self._start_specs(specs, {str(k): str(v) for k, v in
-                                                 request.args.get("base_env", {}).items()  # type: ignore[union-attr]
-                                                 } if isinstance(request.args.get("base_env"), dict)
-                                         else dict(os.environ), skip_existing=True)
+        base_env = request.args.get("base_env")
+        env = _env_from_request(base_env) if isinstance(base_env, dict) else dict(os.environ)
+        result = await self._start_specs(specs, env, skip_existing=True)
         result["path"] = str(path)
         return result
 
@@ -813,6 +795,25 @@ class Daemon:
     def transitional_count(self) -> int:
         return sum(1 for app in self.apps.values() for inst in app.all_instances()
                    if inst.state in TRANSITIONAL)
+
+
+def _specs_from_request(tables: list[Json]) -> list[AppSpec]:
+    """Validate the app tables a client sent; a bad one refuses the whole request."""
+    specs: list[AppSpec] = []
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise CommandError("bad_args", f"apps[{index}] must be an object")
+        try:
+            specs.append(spec_from_table(table, source=f"request apps[{index}]"))
+        except ConfigError as exc:
+            raise CommandError("bad_args", str(exc)) from None
+    return specs
+
+
+def _env_from_request(value: Json) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, str)}
 
 
 def _echo(prefix: bytes, lines: list[bytes]) -> None:
