@@ -50,6 +50,7 @@ from .protocol import (
 )
 from .readiness import NotifySocket
 from .reaper import Reaper, become_subreaper
+from .sockets import AppSockets, ListenSocket
 from .state import (
     DUMP_NAME,
     STATE_NAME,
@@ -164,6 +165,7 @@ class Daemon:
         self.runtime_mode = runtime_mode
         self.exit_status = 0
         self._state_write_pending = False
+        self._adopted_sockets: dict[str, AppSockets] = {}  # from our own pre-exec image
         self.loop = asyncio.get_running_loop()
         self.apps: dict[str, AppGroup] = {}
         self.log_files = LogFiles()
@@ -278,8 +280,19 @@ class Daemon:
                                       date_format=spec.log_date_format, sink=sink,
                                       on_close=closed))
 
-    def _write_state_now(self) -> None:
+    def _write_state_now(self, *, handing_over_sockets: bool = False) -> None:
+        """Rewrite state.json. `handing_over_sockets`: pmxd is about to exec itself, and the
+        listening sockets' fds (made inheritable) go into the file for the new image."""
         self._state_write_pending = False
+        sockets: list[object] = []
+        if handing_over_sockets:
+            for app in self.apps.values():
+                if app.sockets is None or app.sockets.reuse_port:
+                    continue  # reuse_port slots are bound again; only shared sockets pass
+                for item in app.sockets.shared:
+                    os.set_inheritable(item.sock.fileno(), True)
+                    sockets.append({"app": app.name, "address": item.address,
+                                    "fd": item.sock.fileno(), "unix_path": item.unix_path})
         apps: list[object] = []
         processes: list[object] = []
         for app in self.apps.values():
@@ -298,7 +311,7 @@ class Daemon:
                 })
         try:
             write_state(self.home / STATE_NAME, {"pmxd_pid": os.getpid(), "apps": apps,
-                                                 "processes": processes})
+                                                 "processes": processes, "sockets": sockets})
         except OSError as exc:
             log.warning("cannot write %s: %s", self.home / STATE_NAME, exc.strerror)
 
@@ -318,6 +331,7 @@ class Daemon:
         if leftovers:
             log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",
                         document.get("pmxd_pid"), len(leftovers))
+        self._adopt_sockets(document)
         await asyncio.gather(*(_stop_leftover(entry) for entry in leftovers))
         for entry in document.get("apps") or []:  # type: ignore[attr-defined]
             if not isinstance(entry, dict) or not entry.get("running"):
@@ -329,6 +343,33 @@ class Daemon:
                 log.info("restarted %s after the previous pmxd's crash", spec.name)
             except (PmxError, KeyError, AttributeError) as exc:
                 log.error("cannot restart an app of the previous pmxd: %s", exc)
+        for unused in self._adopted_sockets.values():
+            unused.close()  # sockets of apps that were not running
+        self._adopted_sockets.clear()
+
+    def _adopt_sockets(self, document: Mapping[str, object]) -> None:
+        """After `pmx update` exec'd this process, take over the listening sockets the
+        previous image left open, so connections wait in the backlog instead of being
+        refused while the apps restart. Only fds of this very process are meaningful."""
+        if document.get("pmxd_pid") != os.getpid():
+            return
+        for entry in document.get("sockets") or []:  # type: ignore[attr-defined]
+            try:
+                fd = int(entry["fd"])
+                sock = socket.socket(fileno=fd)
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                log.warning("cannot take over a listening socket: %s", exc)
+                continue
+            os.set_inheritable(fd, False)
+            app = str(entry.get("app"))
+            group = self._adopted_sockets.get(app)
+            if group is None:
+                group = self._adopted_sockets[app] = AppSockets(app, (), False)
+            group.shared.append(ListenSocket(str(entry.get("address")), sock,
+                                             entry.get("unix_path")))
+        for app, group in self._adopted_sockets.items():
+            group.addresses = tuple(item.address for item in group.shared)
+            log.info("took over %s for app %s", ", ".join(group.addresses), app)
 
     def _exit_when_all_ended(self) -> None:
         if self._stopping.is_set():
@@ -563,6 +604,7 @@ class Daemon:
             if app is None:
                 app = AppGroup(spec, base_env=base_env, runtime=self, logs_dir=self.home / "logs",
                                log_files=self.log_files, next_id=self.next_id)
+                app.sockets = self._adopted_sockets.pop(spec.name, None)
                 self.apps[spec.name] = app
             async with app.operation("start"):
                 try:
@@ -776,7 +818,7 @@ class Daemon:
         for app in self.apps.values():
             if app.busy is not None:
                 raise CommandError("busy", f'app "{app.name}" is busy: {app.busy} is running')
-        self._write_state_now()
+        self._write_state_now(handing_over_sockets=True)
         self.loop.call_later(0.05, self._exec_new_version)
         return {"pid": os.getpid(), "apps": len(self.apps)}
 

@@ -88,3 +88,32 @@ def test_update_replaces_pmxd_and_restarts_its_apps_once(pmx: Pmx) -> None:
     assert pmx.daemon_pid() == daemon  # replaced in place, so a service manager sees no exit
     assert not {r["pid"] for r in before} & {r["pid"] for r in after}
     assert not any(pid_alive(r["pid"]) for r in before)
+
+
+def test_update_hands_listening_sockets_over_so_no_request_is_refused(pmx: Pmx) -> None:
+    from tests.httpload import LoadClient
+
+    port = free_port()
+    eco = pmx.write("web.toml", f"""
+[[apps]]
+name = "web"
+script = "{app_path('pid_server.py')}"
+exec_mode = "cluster"
+instances = 2
+listen = "127.0.0.1:{port}"
+""")
+    pmx.run("start", str(eco))
+    before = {row["pid"] for row in pmx.wait_status("web", "online", count=2)}
+    loader = LoadClient("127.0.0.1", port, max_seconds=60)
+    loader.start()
+    try:
+        wait_until(lambda: (loader.result.ok > 20, loader.result.ok), timeout=10, what="load")
+        pmx.run("update")
+        after = {row["pid"] for row in pmx.wait_status("web", "online", count=2)}
+        seen = loader.result.ok
+        wait_until(lambda: (loader.result.ok > seen + 20, loader.result.ok), timeout=10,
+                   what="served after the update")
+    finally:
+        result = loader.stop()
+    assert not before & after
+    assert result.failed == 0, result.errors
