@@ -812,9 +812,10 @@ class Daemon:
     async def cmd_update(self, request: Request) -> JsonObject:
         """Replace this pmxd with the installed version, in place (same pid).
 
-        The new image finds state.json, stops the apps the old one ran and starts them
-        again: apps restart once. Keeping them running across the exec would need every
-        pipe, socket and pidfd handed over, which pmx does not do yet."""
+        The new image finds state.json, takes over the listening sockets (so no
+        connection is refused), stops the apps the old one ran and starts them again:
+        apps restart once. Keeping the processes themselves across the exec would need
+        every pipe and pidfd handed over too, which pmx does not do."""
         for app in self.apps.values():
             if app.busy is not None:
                 raise CommandError("busy", f'app "{app.name}" is busy: {app.busy} is running')
