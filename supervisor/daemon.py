@@ -38,7 +38,7 @@ from .control import ControlServer
 from .errors import CommandError, ConfigError, ExitCode, HomeError, PmxError, SpawnError
 from .logs import LogFiles, PipeReader
 from .monitor import InstanceStats, Sampler
-from .process import TRANSITIONAL, Instance, State
+from .process import Instance, State
 from .protocol import (
     STATS_TOPIC,
     Command,
@@ -719,8 +719,9 @@ class Daemon:
                 try:
                     await app.reload(progress, new_spec)
                 except SpawnError as exc:
-                    if new_spec is not None:
-                        app.spec = previous if not app.instances else app.spec
+                    # A failed reload keeps the last working settings: the instances not
+                    # yet replaced, and any later crash restart, use the old spec.
+                    app.spec = previous
                     self.publish_event(app.name, "reload_failed", str(exc))
                     raise CommandError("failed", f'reload of "{app.name}" stopped: {exc}; '
                                        "the old instances keep serving") from None
@@ -834,10 +835,6 @@ class Daemon:
         except OSError as exc:
             log.error("cannot exec the new pmxd: %s; stopping", exc)
             self._stopping.set()
-
-    def transitional_count(self) -> int:
-        return sum(1 for app in self.apps.values() for inst in app.all_instances()
-                   if inst.state in TRANSITIONAL)
 
 
 def _specs_from_request(tables: list[Json]) -> list[AppSpec]:
