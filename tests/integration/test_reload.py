@@ -115,6 +115,8 @@ env = {{ FAIL_AT_START = "4" }}
     assert sorted(r["pid"] for r in rows) == old
     assert all(r["status"] == "online" for r in rows)  # nothing left half-way
     assert outcome.failed == 0, outcome.errors
+    described = json.loads(pmx.run("describe", "api", "--json").stdout)
+    assert "FAIL_AT_START" not in described[0]["spec"]["env"]  # the old settings are kept
 
 
 def test_replacement_never_ready_keeps_old_instances(pmx: Pmx) -> None:
