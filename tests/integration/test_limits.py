@@ -4,8 +4,6 @@ spawns refused near the fd limit, logs on a full disk, size-based log rotation.
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 import shutil
 import subprocess
@@ -30,6 +28,7 @@ from tests.integration.hostile_helpers import (
     settled,
     wait_log_match,
 )
+from tests.mounts import fill, mount, umount
 
 # ---------------------------------------------------------------- 5. file descriptors
 
@@ -141,30 +140,10 @@ def test_log_on_a_full_device_stops_neither_the_app_nor_the_daemon(pmxd: Pmx) ->
                                                                           "/dev/full")
 
 
-def _mount(*args: str) -> None:
-    result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
 
 
-def _umount(path: Path) -> None:
-    result = subprocess.run(["umount", str(path)], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
-def fill(folder: Path) -> Path:
-    """Write a file into `folder` until its file system is full."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
-    return filler
 
 
 def last_number(path: Path) -> int:
@@ -177,7 +156,7 @@ def last_number(path: Path) -> int:
 def test_log_directory_that_fills_up_then_frees_resumes_logging(pmx: Pmx) -> None:
     logs = pmx.home / "logs"
     logs.mkdir(mode=0o700)
-    _mount("-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(logs))
+    mount("-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(logs))
     try:
         pmx.start_daemon()
         # One line every 50 ms: the tiny file system fills by the filler, not by the app.
@@ -199,7 +178,7 @@ def test_log_directory_that_fills_up_then_frees_resumes_logging(pmx: Pmx) -> Non
         assert pmx.wait_status("slow", "online")[0]["pid"] == pid
     finally:
         problems = pmx.cleanup()
-        _umount(logs)
+        umount(logs)
     assert not problems, problems
 
 

@@ -8,11 +8,9 @@ says which file it could not write and leaves the previous dump byte-identical.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from pmx.supervisor.config import parse_ecosystem
 
 from tests.conftest import Pmx, app_path, free_port, wait_until
+from tests.mounts import fill, mount, umount
 
 SAVED = re.compile(r"saved (\d+) apps to (\S+)")
 
@@ -140,41 +139,21 @@ def test_resurrect_after_saving_an_empty_list_starts_nothing(pmxd: Pmx) -> None:
 # ---------------------------------------------------------------- a dump that cannot be written
 
 
-def _mount(*args: str) -> None:
-    result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
 
 
-def _umount(path: Path) -> None:
-    result = subprocess.run(["umount", str(path)], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 @contextlib.contextmanager
 def read_only(path: Path) -> Iterator[None]:
     """A read-only bind mount over `path` (root can write into a chmod 500 folder)."""
-    _mount("--bind", str(path), str(path))
+    mount("--bind", str(path), str(path))
     try:
-        _mount("-o", "remount,ro,bind", str(path))
+        mount("-o", "remount,ro,bind", str(path))
         yield
     finally:
-        _umount(path)
+        umount(path)
 
 
-def fill(folder: Path) -> Path:
-    """Write a file into `folder` until its file system is full."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
-    return filler
 
 
 def assert_failed_save_left_the_dump(pmx: Pmx, dump: Path, saved: bytes, reason: str) -> None:
@@ -203,7 +182,7 @@ def test_save_into_a_read_only_home_fails_and_keeps_the_dump(pmxd: Pmx) -> None:
 @needs_root
 def test_save_onto_a_full_disk_fails_and_keeps_the_dump(pmx: Pmx) -> None:
     home = pmx.home
-    _mount("-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(home))
+    mount("-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(home))
     try:
         pmx.start_daemon()
         pmx.run("start", app_path("printer.py"), "--name", "printer", "--", "1")
@@ -218,5 +197,5 @@ def test_save_onto_a_full_disk_fails_and_keeps_the_dump(pmx: Pmx) -> None:
         assert save(pmx)[0] == 1  # room again: saving works
     finally:
         problems = pmx.cleanup()
-        _umount(home)
+        umount(home)
     assert not problems, problems
