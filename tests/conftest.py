@@ -180,3 +180,16 @@ def free_port() -> int:
 
 def app_path(name: str) -> str:
     return str(APPS / name)
+
+
+def pid_cluster_toml(name: str, port: int, *, instances: int, extra: str = "") -> str:
+    """An ecosystem file for a cluster of tests/apps/pid_server.py on 127.0.0.1:PORT."""
+    return f"""
+[[apps]]
+name = "{name}"
+script = "{app_path('pid_server.py')}"
+exec_mode = "cluster"
+instances = {instances}
+listen = "127.0.0.1:{port}"
+{extra}
+"""

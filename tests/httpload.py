@@ -1,4 +1,9 @@
-"""A small HTTP load client for tests: bounded in count and time, counts every failure.
+"""A small HTTP load client for tests: bounded in count, rate and time, counts every failure.
+
+Fresh-connection load is paced (at most ~500 connections a second per client): every
+closed connection holds a loopback port in TIME_WAIT for 60 s, and an unpaced client
+exhausts the 28k ephemeral ports within a test run, after which the kernel reuses
+TIME_WAIT tuples and resets connections that pmx never saw.
 
 A failure is anything but a 200 answer: refused, reset, timeout, bad status. With
 keep-alive, a request is retried once on a fresh connection only when the server had
@@ -25,11 +30,12 @@ class LoadResult:
 class LoadClient(threading.Thread):
     def __init__(self, host: str, port: int, *, keep_alive: bool = False, path: str = "/",
                  max_requests: int = 100_000, max_seconds: float = 60.0,
-                 unix_path: str | None = None) -> None:
+                 unix_path: str | None = None, pace_s: float | None = None) -> None:
         super().__init__(daemon=True)
         self.host, self.port, self.keep_alive, self.path = host, port, keep_alive, path
         self.max_requests, self.max_seconds = max_requests, max_seconds
         self.unix_path = unix_path
+        self.pace_s = pace_s if pace_s is not None else (0.0 if keep_alive else 0.002)
         self.result = LoadResult()
         self._stop_event = threading.Event()
         self._connection: http.client.HTTPConnection | None = None
@@ -75,6 +81,8 @@ class LoadClient(threading.Thread):
         while not self._stop_event.is_set() and count < self.max_requests \
                 and time.monotonic() < deadline:
             count += 1
+            if self.pace_s:
+                self._stop_event.wait(self.pace_s)
             try:
                 self.result.pids.add(self.request_once())
                 self.result.ok += 1

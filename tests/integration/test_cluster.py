@@ -8,21 +8,13 @@ import re
 import signal
 import socket
 
-from tests.conftest import Pmx, app_path, free_port, pid_alive, wait_until
+from tests.conftest import Pmx, app_path, free_port, pid_alive, pid_cluster_toml, wait_until
 from tests.httpload import LoadClient, UnixHTTPConnection, get_pid
 
 
 def cluster(pmx: Pmx, name: str, port: int, instances: int = 4, extra: str = "") -> None:
-    eco = pmx.write(f"{name}.toml", f"""
-[[apps]]
-name = "{name}"
-script = "{app_path('pid_server.py')}"
-exec_mode = "cluster"
-instances = {instances}
-listen = "127.0.0.1:{port}"
-kill_timeout = "3s"
-{extra}
-""")
+    eco = pmx.write(f"{name}.toml", pid_cluster_toml(name, port, instances=instances,
+                                                     extra=f'kill_timeout = "3s"\n{extra}'))
     pmx.run("start", str(eco))
     pmx.wait_status(name, "online", count=instances)
     wait_until(lambda: (_serving(pmx, name) == instances, _serving(pmx, name)), timeout=15,

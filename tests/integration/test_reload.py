@@ -6,24 +6,16 @@ import json
 
 import pytest
 
-from tests.conftest import Pmx, app_path, free_port, wait_until
+from tests.conftest import Pmx, app_path, free_port, pid_cluster_toml, wait_until
 from tests.httpload import LoadClient
 
 
 def start_cluster(pmx: Pmx, name: str, port: int, *, instances: int = 4, env: str = "",
                   extra: str = "", listen_timeout: str = "500ms") -> None:
-    eco = pmx.write(f"{name}.toml", f"""
-[[apps]]
-name = "{name}"
-script = "{app_path('pid_server.py')}"
-exec_mode = "cluster"
-instances = {instances}
-listen = "127.0.0.1:{port}"
-listen_timeout = "{listen_timeout}"
-kill_timeout = "5s"
-{extra}
-env = {{ {env} }}
-""")
+    eco = pmx.write(f"{name}.toml", pid_cluster_toml(
+        name, port, instances=instances,
+        extra=f'listen_timeout = "{listen_timeout}"\nkill_timeout = "5s"\n{extra}\n'
+              f"env = {{ {env} }}"))
     pmx.run("start", str(eco))
     pmx.wait_status(name, "online", count=instances)
 
