@@ -7,6 +7,7 @@ JSON never pay for it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -74,7 +75,8 @@ def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = No
             human_size(row.get("memory")) if row.get("memory") else "-",
             ", ".join(str(a) for a in listen) if isinstance(listen, list) else "",
         )
-    console = Console()
+    # Piped output has no terminal width; rich would assume 80 and fold the addresses.
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
     if not rows:
         console.print("[dim]no apps; start one with[/] pmx start ecosystem.toml")
         return
