@@ -21,7 +21,8 @@ from tests.conftest import Pmx, app_path, free_port, wait_until
 
 pytest.importorskip("textual")
 
-from pmx.cli.monit import Board, ConfirmScreen, MonitApp
+from pmx.cli.monit import ConfirmScreen, MonitApp
+from pmx.cli.monit_board import Board
 from pmx.supervisor.protocol import JsonObject
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input
