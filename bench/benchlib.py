@@ -236,3 +236,18 @@ def table(rows: Iterable[Sequence[object]], header: Sequence[str]) -> None:
               .rstrip())
         if number == 0:
             print("  " + "  ".join("-" * width for width in widths))
+
+
+def answers(port: int) -> bool:
+    """One GET on 127.0.0.1:PORT with Connection: close (no idle keep-alive connection is
+    left behind in an instance); True on a 200."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()

@@ -35,21 +35,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from benchlib import HTTP_APP, REPO, PmxHome, cores_note, free_port, ms, ratio, stop_popen, table, wait_for
+from benchlib import (
+    HTTP_APP,
+    REPO,
+    PmxHome,
+    answers,
+    cores_note,
+    free_port,
+    ms,
+    ratio,
+    stop_popen,
+    table,
+    wait_for,
+)
 from loadgen import LoadResult, have_wrk, run_python, run_wrk
 
 NODELAY_APP = REPO / "bench" / "http_nodelay.py"
 
 
-def answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/", headers={"Connection": "close"})
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def spread(port: int, count: int = 40) -> Counter[str]:

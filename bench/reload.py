@@ -33,7 +33,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from benchlib import CLI, HTTP_APP, REPO, PmxHome, cores_note, free_port, ms, percentile, table, wait_for
+from benchlib import (
+    CLI,
+    HTTP_APP,
+    REPO,
+    PmxHome,
+    answers,
+    cores_note,
+    free_port,
+    ms,
+    percentile,
+    table,
+    wait_for,
+)
 
 NODELAY_APP = REPO / "bench" / "http_nodelay.py"
 TIMEOUT_S = 5.0
@@ -221,18 +233,7 @@ kill_timeout = "5s"
         pmx.run("start", str(ecosystem))
         pmx.wait_online("web", args.instances)
 
-        def answers() -> bool:
-            # Connection: close, so no idle keep-alive connection is left behind in an instance.
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/", headers={"Connection": "close"})
-                return conn.getresponse().status == 200
-            except OSError:
-                return False
-            finally:
-                conn.close()
-
-        wait_for(answers, timeout=20, what=f"HTTP answer on 127.0.0.1:{port}")
+        wait_for(lambda: answers(port), timeout=20, what=f"HTTP answer on 127.0.0.1:{port}")
         modes = [False, True] if args.mode == "both" else [args.mode == "keep-alive"]
         for keep_alive in modes:
             result = run_mode(pmx, port, keep_alive=keep_alive, clients=args.clients,

@@ -198,7 +198,7 @@ class Daemon:
         }
         self.control = ControlServer(home, handlers)
         self.notify = NotifySocket(self.loop, home / "notify.sock", self._on_notify)
-        self.notify_socket_path = self.notify.path
+        self.notify_socket_path: str | None = self.notify.path
 
     # ------------------------------------------------------------ Runtime for instances
 

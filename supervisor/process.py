@@ -106,6 +106,7 @@ class Runtime(Protocol):
     """What an instance needs from the daemon: the seams tests can replace."""
 
     loop: asyncio.AbstractEventLoop
+    notify_socket_path: str | None  # NOTIFY_SOCKET for the app (systemd's notify protocol)
 
     def publish_state(self, instance: Instance) -> None: ...
 
@@ -263,9 +264,8 @@ class Instance:
                             "LISTEN_FDNAMES": ":".join(inheritance.names)})
             if inheritance.port is not None:
                 env["PORT"] = str(inheritance.port)
-        notify = getattr(self._runtime, "notify_socket_path", None)
-        if isinstance(notify, str):
-            env["NOTIFY_SOCKET"] = notify
+        if self._runtime.notify_socket_path is not None:
+            env["NOTIFY_SOCKET"] = self._runtime.notify_socket_path
         return argv, env
 
     def _spawn(self) -> None:

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import Pmx, app_path, free_port, pid_alive, wait_until
-from tests.httpload import get_pid
+from tests.conftest import Pmx, app_path, free_port, pid_alive, pid_cluster_toml, wait_until
+from tests.httpload import LoadClient, get_pid
 
 
 @pytest.mark.slow
@@ -28,13 +28,7 @@ kill_timeout = "500ms"
 name = "forking"
 script = "{app_path('grandchild.py')}"
 
-[[apps]]
-name = "web"
-script = "{app_path('pid_server.py')}"
-exec_mode = "cluster"
-instances = 2
-listen = "127.0.0.1:{port}"
-""")
+""" + pid_cluster_toml("web", port, instances=2))
     pmx.run("start", str(eco))
     for name, count in (("fork", 1), ("forking", 1), ("web", 2)):
         pmx.wait_status(name, "online", count=count)
@@ -91,17 +85,8 @@ def test_update_replaces_pmxd_and_restarts_its_apps_once(pmx: Pmx) -> None:
 
 
 def test_update_hands_listening_sockets_over_so_no_request_is_refused(pmx: Pmx) -> None:
-    from tests.httpload import LoadClient
-
     port = free_port()
-    eco = pmx.write("web.toml", f"""
-[[apps]]
-name = "web"
-script = "{app_path('pid_server.py')}"
-exec_mode = "cluster"
-instances = 2
-listen = "127.0.0.1:{port}"
-""")
+    eco = pmx.write("web.toml", pid_cluster_toml("web", port, instances=2))
     pmx.run("start", str(eco))
     before = {row["pid"] for row in pmx.wait_status("web", "online", count=2)}
     loader = LoadClient("127.0.0.1", port, max_seconds=60)

@@ -8,7 +8,7 @@ import statistics
 
 import zmq
 
-from tests.conftest import Pmx, app_path, free_port, wait_until
+from tests.conftest import Pmx, app_path, free_port, pid_cluster_toml, wait_until
 from tests.httpload import LoadClient
 
 
@@ -63,17 +63,11 @@ def test_app_below_its_limit_is_never_restarted(pmx: Pmx) -> None:
 
 def test_cluster_instance_over_limit_is_replaced_without_failed_requests(pmx: Pmx) -> None:
     port = free_port()
-    eco = pmx.write("api.toml", f"""
-[[apps]]
-name = "api"
-script = "{app_path('pid_server.py')}"
-exec_mode = "cluster"
-instances = 2
-listen = "127.0.0.1:{port}"
+    eco = pmx.write("api.toml", pid_cluster_toml("api", port, instances=2, extra="""
 listen_timeout = "300ms"
 max_memory_restart = "100M"
-env = {{ LEAK_MB_PER_S = "60", LEAK_INSTANCE = "0" }}
-""")
+env = { LEAK_MB_PER_S = "60", LEAK_INSTANCE = "0" }
+"""))
     pmx.run("start", str(eco))
     pmx.wait_status("api", "online", count=2)
     first = {r["instance"]: r["pid"] for r in pmx.instances("api")}
