@@ -20,9 +20,11 @@ from pathlib import Path
 from .config import AppSpec
 from .errors import CommandError, SpawnError
 from .logs import LogFile, LogFiles, instance_log_path
-from .process import RUNNING, Inheritance, Instance, Runtime, State
+from .process import Instance, Runtime
 from .readiness import wait_probe
 from .sockets import AppSockets
+from .spawn import Inheritance
+from .states import ENDED, RUNNING, State
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,14 @@ class AppGroup:
     def all_instances(self) -> list[Instance]:
         return [*self.instances.values(), *self.replacing.values()]
 
-    @contextlib.asynccontextmanager
-    async def operation(self, what: str) -> AsyncIterator[None]:
+    def check_idle(self) -> None:
+        """Raise the `busy` error when another operation is running on this app."""
         if self.busy is not None:
             raise CommandError("busy", f'app "{self.name}" is busy: {self.busy} is running')
+
+    @contextlib.asynccontextmanager
+    async def operation(self, what: str) -> AsyncIterator[None]:
+        self.check_idle()
         self.busy = what
         try:
             yield
@@ -82,7 +88,7 @@ class AppGroup:
         return Instance(
             app=self.name, index=index,
             instance_id=self._next_id() if instance_id is None else instance_id,
-            spec=lambda: self.spec, runtime=self._runtime, base_env=self.base_env,
+            spec=lambda: self.spec, runtime=self._runtime, base_env=lambda: self.base_env,
             inheritance=self._inheritance, on_change=self._on_instance_change,
         )
 
@@ -168,9 +174,9 @@ class AppGroup:
             instance = self.instances.get(index)
             if instance is None:
                 instance = self.instances[index] = self._new_instance(index)
-            if instance.state in (State.STOPPED, State.ERRORED):
+            if instance.state in ENDED:
                 if instance.state is State.ERRORED:
-                    instance.unstable_restarts = 0
+                    instance.forget_instability()
                 try:
                     instance.start(reason)
                 except SpawnError as exc:
@@ -183,8 +189,7 @@ class AppGroup:
     async def restart(self) -> list[str]:
         await self.stop("restarting")
         for instance in self.instances.values():
-            instance.restarts += 1
-            instance.unstable_restarts = 0
+            instance.count_restart()
         return self.start("restarted")
 
     async def delete(self) -> None:
@@ -230,9 +235,7 @@ class AppGroup:
                 progress(f"{self.name}:{index} started (it was not running)")
                 continue
             if spec.reload_mode == "restart":
-                await old.stop("reloading (reload_mode restart)")
-                old.restarts += 1
-                old.start("reloaded")
+                await old.restart("reloading (reload_mode restart)", started="reloaded")
                 if spec.wait_ready or spec.ready_check:
                     await self.wait_instance_ready(old)
                 progress(f"{old.name} restarted, pid {old.pid}")
@@ -246,7 +249,7 @@ class AppGroup:
     async def replace(self, old: Instance, reason: str) -> Instance:
         """Start a replacement for `old`, wait until it is ready, then stop `old`."""
         new = self._new_instance(old.index, old.id)
-        new.restarts = old.restarts + 1
+        new.succeed(old)
         self.replacing[old.index] = new
         try:
             new.start(reason, replacement=True)
@@ -277,15 +280,8 @@ class AppGroup:
                     log.error("%s: memory restart failed, old instance kept: %s",
                               instance.name, exc)
                 return
-            await instance.stop(reason)
-            instance.restarts += 1
             with contextlib.suppress(SpawnError):
-                instance.start(reason)
+                await instance.restart(reason, started=reason)
 
     def restart_for_memory_nowait(self, instance: Instance, reason: str) -> None:
         self._own(self.restart_for_memory(instance, reason))
-
-    async def close_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

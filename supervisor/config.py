@@ -84,10 +84,13 @@ def parse_size_bytes(value: object) -> int:
 
 
 def format_size(size: int) -> str:
+    """Bytes in the largest unit that fits: exact when it divides ("300M"), else rounded
+    ("412M"); below 1K, the number of bytes ("512B")."""
     for unit in ("G", "M", "K"):
-        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
-            return f"{size // _SIZE_UNITS[unit]}{unit}"
-    return str(size)
+        factor = _SIZE_UNITS[unit]
+        if size >= factor:
+            return f"{size // factor}{unit}" if size % factor == 0 else f"{size / factor:.0f}{unit}"
+    return f"{size}B"
 
 
 def _parse_str(value: object) -> str:

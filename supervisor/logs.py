@@ -12,6 +12,10 @@ back only until that size: a 10 MB line costs bounded memory.
 A log file that cannot be written (disk full) does not stop the app or the daemon: the
 lines are dropped, a warning is logged at most once a minute, and writing resumes when
 the disk has room again.
+
+`OutputRouter` wires an instance's two pipes: each chunk of lines goes to the app's log
+file, to the live stream (topic log.APP:), to the instance's stderr tail (shown when a
+start fails) and, in container mode, to pmxd's own stdout prefixed with "app:N | ".
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .protocol import log_topic
+
+if TYPE_CHECKING:
+    from .app import AppGroup
+    from .process import Instance
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +240,43 @@ def instance_log_path(configured: str | None, logs_dir: Path, app: str, stream: 
         return path
     # Several instances, one configured name: PM2 suffixes the instance number.
     return path.with_name(f"{path.stem}-{index}{path.suffix}")
+
+
+class OutputRouter:
+    """Reads every instance's stdout and stderr into files, the live stream and the tail."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log_files: LogFiles, *,
+                 publish: Callable[[str, Mapping[str, object]], None], echo: bool) -> None:
+        self._loop = loop
+        self._log_files = log_files
+        self._publish = publish
+        self._echo = echo  # container mode: also to our stdout
+
+    def attach(self, app: AppGroup, instance: Instance, stdout_fd: int, stderr_fd: int) -> None:
+        topic = log_topic(instance.app)
+        echo_prefix = f"{instance.app}:{instance.index} | ".encode()
+
+        def sink(stream: str, lines: list[bytes]) -> None:
+            if self._echo:
+                _echo(echo_prefix, lines)
+            texts = [line.decode("utf-8", "replace") for line in lines]
+            if stream == "error":
+                instance.stderr_tail.extend(texts[-20:])
+            self._publish(topic, {"app": instance.app, "id": instance.id,
+                                  "instance": instance.index, "stream": stream, "lines": texts})
+
+        def closed(reader: PipeReader) -> None:
+            self._log_files.release(reader.file)
+
+        # The loop's reader callbacks keep each PipeReader alive until its pipe closes.
+        for fd, stream in ((stdout_fd, "out"), (stderr_fd, "error")):
+            PipeReader(self._loop, fd, stream=stream, file=app.acquire_log(instance.index, stream),
+                       date_format=app.spec.log_date_format, sink=sink, on_close=closed)
+
+
+def _echo(prefix: bytes, lines: list[bytes]) -> None:
+    try:
+        sys.stdout.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
+        sys.stdout.buffer.flush()
+    except (OSError, ValueError):
+        pass  # a closed stdout must not stop the apps

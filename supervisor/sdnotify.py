@@ -20,20 +20,24 @@ import os
 import socket
 
 
-def notify(**fields: str) -> bool:
-    """Send KEY=value lines (READY="1", STATUS="warming up", STOPPING="1"); True if sent."""
+def send(message: str) -> bool:
+    """Send one raw notify message ("READY=1\nSTATUS=..."); True if it was sent."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message, address)
+            sock.sendto(message.encode(), address)
     except OSError:
         return False
     return True
+
+
+def notify(**fields: str) -> bool:
+    """Send KEY=value lines (READY="1", STATUS="warming up", STOPPING="1"); True if sent."""
+    return send("\n".join(f"{key}={value}" for key, value in fields.items()))
 
 
 def notify_ready(status: str | None = None) -> bool:

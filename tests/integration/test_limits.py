@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from pmx.supervisor.process import FD_RESERVE
+from pmx.supervisor.spawn import FD_RESERVE
 
 from tests.conftest import Pmx, app_path, wait_until
 from tests.integration.hostile_helpers import (

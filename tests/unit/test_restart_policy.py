@@ -8,16 +8,8 @@ import signal
 
 import pytest
 from pmx.supervisor.config import AppSpec, parse_app
-from pmx.supervisor.process import (
-    BACKOFF_CAP_S,
-    BACKOFF_FACTOR,
-    MOVES,
-    RUNNING,
-    TRANSITIONAL,
-    State,
-    describe_status,
-    next_restart_delay,
-)
+from pmx.supervisor.process import BACKOFF_CAP_S, BACKOFF_FACTOR, describe_status, next_restart_delay
+from pmx.supervisor.states import MOVES, RUNNING, TRANSITIONAL, State
 
 
 def spec(**options: object) -> AppSpec:

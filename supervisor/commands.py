@@ -1,0 +1,435 @@
+"""The command handlers: what pmxd does for each request. Each docstring is the spec.
+
+A handler takes the request's `Args` and returns the reply's result object, or raises
+CommandError (its code goes on the wire: bad_args, not_found, busy, failed). `Args`
+reads arguments with their types checked, so a malformed request gets `bad_args` and
+never reaches the apps. Commands are dispatched through the explicit table `handlers()`
+builds: no name from the wire is ever looked up as an attribute.
+
+Batch commands (a target of "all", or several apps) act on every target, each in its
+own operation, and report one result per target in "results"
+(`{"target": "api", "ok": false, "error": "..."}`), plus the successes under the verb's
+key and the failures as sentences in "errors". Only when every target fails is the
+first failure raised, so a single-target command fails as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from . import __version__
+from .app import AppGroup
+from .config import AppSpec, mask_env, spec_from_table
+from .dump import read_dump, write_dump
+from .errors import CommandError, ConfigError, PmxError, SpawnError
+from .home import DUMP_FILE
+from .logs import LogFiles
+from .monitor import ResourceMonitor
+from .protocol import Command, Json, JsonObject, Request
+from .registry import Registry, Target, instance_row
+from .states import ENDED
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[JsonObject]]
+MAX_INSTANCES = 1024
+
+
+class Host(Protocol):
+    """What the handlers need from the daemon."""
+
+    home: Path
+    started: float
+    registry: Registry
+    monitor: ResourceMonitor
+    log_files: LogFiles
+
+    def publish_event(self, app: str, kind: str, message: str) -> None: ...
+
+    async def start_specs(self, specs: list[AppSpec], base_env: Mapping[str, str], *,
+                          skip_existing: bool = False) -> JsonObject: ...
+
+    async def stop_all(self) -> None: ...
+
+    def shut_down_soon(self) -> None: ...
+
+    def update_soon(self) -> None: ...
+
+
+class Args:
+    """A request's arguments, read with their types checked (else `bad_args`)."""
+
+    def __init__(self, args: JsonObject) -> None:
+        self._args = args
+
+    def has(self, key: str) -> bool:
+        return key in self._args
+
+    def target(self) -> str:
+        value = self._args.get("target")
+        if not isinstance(value, str) or not value:
+            raise CommandError("bad_args", '"target" must be an app name, an id or "all"')
+        return value
+
+    def flag(self, key: str) -> bool:
+        return self._args.get(key) is True
+
+    def tables(self) -> list[Json] | None:
+        """The "apps" list of app tables, when given; an empty one is refused."""
+        tables = self._args.get("apps")
+        if tables is None:
+            return None
+        if not isinstance(tables, list) or not tables:
+            raise CommandError("bad_args", '"apps" must be a non-empty list of app tables')
+        return tables
+
+    def env(self, key: str = "base_env") -> dict[str, str] | None:
+        """An environment object: string values only (others are dropped); None if absent."""
+        value = self._args.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise CommandError("bad_args", f'"{key}" must be an object of strings')
+        return {str(k): v for k, v in value.items() if isinstance(v, str)}
+
+    def count(self, current: int) -> int:
+        """"count": "4", "+2" or "-1" -> the wanted number of instances."""
+        count = self._args.get("count")
+        digits = count.lstrip("+-") if isinstance(count, str) else ""
+        if not isinstance(count, str) or not (digits.isascii() and digits.isdigit()):
+            raise CommandError("bad_args", 'count must be a number like 4, "+2" or "-1"')
+        return current + int(count) if count[0] in "+-" else int(count)
+
+
+class Commands:
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    @property
+    def _registry(self) -> Registry:
+        return self._host.registry
+
+    def handlers(self) -> dict[Command, Handler]:
+        table: dict[Command, Callable[[Args], Awaitable[JsonObject]]] = {
+            Command.PING: self.ping, Command.LIST: self.list_instances, Command.DESCRIBE: self.describe,
+            Command.START: self.start, Command.STOP: self.stop, Command.RESTART: self.restart,
+            Command.RELOAD: self.reload, Command.DELETE: self.delete, Command.SCALE: self.scale,
+            Command.FLUSH: self.flush, Command.SAVE: self.save, Command.RESURRECT: self.resurrect,
+            Command.KILL: self.kill, Command.UPDATE: self.update,
+        }
+        return {command: _with_args(handler) for command, handler in table.items()}
+
+    # ------------------------------------------------------------ reading
+
+    async def ping(self, args: Args) -> JsonObject:
+        """Is pmxd there? -> {version, pid, home, started, uptime, apps}."""
+        return {"version": __version__, "pid": os.getpid(), "home": str(self._host.home),
+                "started": self._host.started,
+                "uptime": round(time.time() - self._host.started, 1), "apps": len(self._registry)}
+
+    async def list_instances(self, args: Args) -> JsonObject:
+        """Every instance -> {instances: [{name, id, instance, pid, status, reason, restarts,
+        cpu, memory, exec_mode, uptime, since, listen}]}, replacements included."""
+        return {"instances": self._registry.rows(self._host.monitor.stats)}
+
+    async def describe(self, args: Args) -> JsonObject:
+        """target, show_secrets? -> {apps: [{name, spec, listen, busy, instances}]}: the full
+        settings (secret-looking env values masked unless show_secrets) and, per instance,
+        the list row plus its log paths, last exit, unstable restarts, status text, argv."""
+        stats = self._host.monitor.stats
+        described: list[Json] = []
+        for target in self._registry.resolve(args.target()):
+            app = target.app
+            table = app.spec.to_table()
+            env = dict(app.spec.env)
+            table["env"] = dict(env if args.flag("show_secrets") else mask_env(env))
+            instances: list[Json] = []
+            for instance in target.chosen or app.all_instances():
+                row = instance_row(app, instance, stats)
+                out, err = app.log_paths(instance.index)
+                row.update({"out_log": str(out), "error_log": str(err),
+                            "last_exit": instance.last_exit,
+                            "unstable_restarts": instance.unstable_restarts,
+                            "status_text": instance.status_text,
+                            "command": list[Json](app.spec.command())})
+                instances.append(row)
+            described.append({"name": app.name, "spec": _json_table(table),
+                              "listen": list[Json](app.sockets.bound_addresses()
+                                                   if app.sockets else []),
+                              "busy": app.busy, "instances": instances})
+        return {"apps": described}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, args: Args) -> JsonObject:
+        """Either target (start stopped or errored apps/instances again), or apps (a list
+        of app tables, all validated before anything starts) with base_env.
+        -> {started: [names], errors: [sentences]}; an app with other settings under the
+        same name is refused (bad_args): reload it or delete it first."""
+        tables = args.tables()
+        if tables is None:
+            started: list[Json] = []
+            errors: list[Json] = []
+            for target in self._registry.resolve(args.target()):
+                async with target.app.operation("start"):
+                    if target.chosen is None:
+                        errors.extend(target.app.start())
+                    else:
+                        for instance in target.chosen:
+                            if instance.state in ENDED:
+                                try:
+                                    instance.start("started")
+                                except SpawnError as exc:
+                                    errors.append(str(exc))
+                started.append(target.app.name)
+            return {"started": started, "errors": errors}
+        return await self._host.start_specs(_specs_from_request(tables), args.env() or {})
+
+    async def stop(self, args: Args) -> JsonObject:
+        """target -> {stopped: [labels], results, errors}. Stop signal, kill_timeout, SIGKILL."""
+        async def stop_one(target: Target) -> None:
+            async with target.app.operation("stop"):
+                if target.chosen is None:
+                    await target.app.stop()
+                else:
+                    await asyncio.gather(*(inst.stop() for inst in target.chosen))
+
+        return await self._each(args.target(), "stopped", stop_one)
+
+    async def restart(self, args: Args) -> JsonObject:
+        """target -> {restarted: [labels], results, errors}: stop, then start again (a gap;
+        `reload` has none). A spawn failure is reported in errors, the instance errored."""
+        async def restart_one(target: Target) -> list[str]:
+            async with target.app.operation("restart"):
+                if target.chosen is None:
+                    return await target.app.restart()
+                errors = []
+                for instance in target.chosen:
+                    try:
+                        await instance.restart("restarting")
+                    except SpawnError as exc:
+                        errors.append(str(exc))
+                return errors
+
+        return await self._each(args.target(), "restarted", restart_one)
+
+    async def reload(self, args: Args) -> JsonObject:
+        """target, or apps (+ base_env, update_env) -> {reloaded: [names], started?}.
+
+        Each app in turn: replace its instances one at a time (see AppGroup.reload). With
+        apps, changed settings are applied and unknown apps are started. A replacement
+        that fails stops the reload (failed); the old instances keep serving and the app
+        keeps its previous settings. Changing a cluster's listen addresses is refused."""
+        tables = args.tables()
+        if tables is None:
+            return await self._reload_apps([(t.app, None) for t in self._registry.resolve(args.target())])
+        specs = _specs_from_request(tables)
+        base_env = args.env() or {}
+        new_apps = [spec for spec in specs if self._registry.get(spec.name) is None]
+        changed: list[tuple[AppGroup, AppSpec | None]] = []
+        for spec in specs:
+            app = self._registry.get(spec.name)
+            if app is None:
+                continue
+            if app.spec.is_cluster and (spec.listen != app.spec.listen
+                                        or spec.reuse_port != app.spec.reuse_port):
+                raise CommandError("bad_args", f'app "{app.name}": changing listen addresses '
+                                   "needs `pmx delete` then `pmx start`")
+            changed.append((app, spec))
+        if args.flag("update_env") and args.env() is not None:
+            for app, _ in changed:
+                app.base_env = dict(base_env)
+        result = await self._reload_apps(changed)
+        if new_apps:
+            started = await self._host.start_specs(new_apps, base_env)
+            result["started"] = started["started"]
+        return result
+
+    async def _reload_apps(self, targets: list[tuple[AppGroup, AppSpec | None]]) -> JsonObject:
+        for app, _ in targets:
+            app.check_idle()
+        reloaded: list[Json] = []
+        for app, new_spec in targets:
+            def progress(message: str, app_name: str = app.name) -> None:
+                log.info("reload: %s", message)
+                self._host.publish_event(app_name, "reload", message)
+
+            async with app.operation("reload"):
+                previous = app.spec
+                try:
+                    await app.reload(progress, new_spec)
+                except SpawnError as exc:
+                    # A failed reload keeps the last working settings: the instances not
+                    # yet replaced, and any later crash restart, use the old spec.
+                    app.spec = previous
+                    self._host.publish_event(app.name, "reload_failed", str(exc))
+                    raise CommandError("failed", f'reload of "{app.name}" stopped: {exc}; '
+                                       "the old instances keep serving") from None
+            reloaded.append(app.name)
+        return {"reloaded": reloaded}
+
+    async def delete(self, args: Args) -> JsonObject:
+        """target -> {deleted: [names or "app:index"], results, errors}: stop and forget.
+        Deleting some instances of an app lowers its instance count (at least 1)."""
+        deleted: list[str] = []
+
+        async def delete_one(target: Target) -> None:
+            app = target.app
+            async with app.operation("delete"):
+                if target.chosen is None or len(target.chosen) == len(app.instances):
+                    await app.delete()
+                    self._registry.remove(app.name)
+                    deleted.append(app.name)
+                    self._host.publish_event(app.name, "removed", f'app "{app.name}" deleted')
+                else:
+                    for instance in target.chosen:
+                        await instance.stop("deleted")
+                        app.instances.pop(instance.index, None)
+                    app.spec = app.spec.with_instances(max(1, len(app.instances)))
+                    deleted.extend(instance.name for instance in target.chosen)
+
+        result = await self._each(args.target(), "deleted", delete_one)
+        result["deleted"] = list[Json](deleted)
+        return result
+
+    async def scale(self, args: Args) -> JsonObject:
+        """target (an app name), count ("4", "+2", "-1") -> {app, instances, errors}.
+        Instances that stay are untouched; 1 to 1024 instances."""
+        name = args.target()
+        app = self._registry.get(name)
+        if app is None:
+            raise CommandError("not_found", f"no app named {name!r}")
+        wanted = args.count(app.spec.instances)
+        if not 1 <= wanted <= MAX_INSTANCES:
+            raise CommandError("bad_args", f"cannot scale {name} to {wanted} instances "
+                                           f"(1 to {MAX_INSTANCES})")
+        async with app.operation("scale"):
+            errors = await app.scale(wanted)
+        return {"app": name, "instances": wanted, "errors": list[Json](errors)}
+
+    # ------------------------------------------------------------ files
+
+    async def flush(self, args: Args) -> JsonObject:
+        """target? (default all) -> {flushed: [paths]}: empty the apps' log files."""
+        flushed: list[Json] = []
+        target = args.target() if args.has("target") else "all"
+        for resolved in self._registry.resolve(target):
+            app = resolved.app
+            paths: set[Path] = set()
+            for index in range(max(app.spec.instances, len(app.instances))):
+                paths.update(app.log_paths(index))
+            self._host.log_files.flush(paths)
+            flushed.extend(str(p) for p in sorted(paths))
+        return {"flushed": flushed}
+
+    async def save(self, args: Args) -> JsonObject:
+        """force? -> {path, apps}: write every app's settings to the dump, atomically.
+        Saving no app over a dump that holds some needs force (bad_args otherwise)."""
+        path = self._host.home / DUMP_FILE
+        specs = [app.spec for app in self._registry]
+        if not specs and not args.flag("force"):
+            try:
+                previous = read_dump(path)
+            except PmxError:
+                previous = []
+            if previous:
+                raise CommandError("bad_args", f"no app is running, and {path} holds "
+                                   f"{len(previous)} apps; use --force to save an empty list")
+        write_dump(path, specs)
+        return {"path": str(path), "apps": len(specs)}
+
+    async def resurrect(self, args: Args) -> JsonObject:
+        """base_env? -> {started, errors, path}: start the dump's apps that do not run."""
+        path = self._host.home / DUMP_FILE
+        try:
+            specs = read_dump(path)
+        except ConfigError as exc:
+            raise CommandError("failed", str(exc)) from None
+        env = args.env()
+        result = await self._host.start_specs(specs, dict(os.environ) if env is None else env,
+                                              skip_existing=True)
+        result["path"] = str(path)
+        return result
+
+    # ------------------------------------------------------------ the daemon itself
+
+    async def kill(self, args: Args) -> JsonObject:
+        """-> {pid, stopped}: stop every app, reply, then pmxd exits."""
+        await self._host.stop_all()
+        self._host.shut_down_soon()
+        return {"pid": os.getpid(), "stopped": True}
+
+    async def update(self, args: Args) -> JsonObject:
+        """-> {pid, apps}: replace this pmxd with the installed version, in place (same pid).
+
+        The new image finds state.json, takes over the listening sockets (so no
+        connection is refused), stops the apps the old one ran and starts them again:
+        apps restart once. Refused (busy) while any app has an operation running."""
+        self._registry.check_idle()
+        self._host.update_soon()
+        return {"pid": os.getpid(), "apps": len(self._registry)}
+
+    # ------------------------------------------------------------ batches
+
+    async def _each(self, target: str, verb: str,
+                    operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
+        """Run `operation` on every target at once; one result per target (see above)."""
+        targets = self._registry.resolve(target)
+        outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
+        done: list[Json] = []
+        errors: list[Json] = []
+        results: list[Json] = []
+        failures: list[BaseException] = []
+        for resolved, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, PmxError):
+                    raise outcome
+                failures.append(outcome)
+                errors.append(str(outcome))
+                results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
+                continue
+            done.append(resolved.app.name)
+            errors.extend(outcome or [])
+            results.append({"target": resolved.label, "ok": True})
+        if failures and len(failures) == len(targets):
+            raise failures[0]
+        return {verb: done, "results": results, "errors": errors}
+
+
+def _with_args(handler: Callable[[Args], Awaitable[JsonObject]]) -> Handler:
+    async def handle(request: Request) -> JsonObject:
+        return await handler(Args(request.args))
+
+    handle.__doc__ = handler.__doc__
+    return handle
+
+
+def _specs_from_request(tables: list[Json]) -> list[AppSpec]:
+    """Validate the app tables a client sent; a bad one refuses the whole request."""
+    specs: list[AppSpec] = []
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise CommandError("bad_args", f"apps[{index}] must be an object")
+        try:
+            specs.append(spec_from_table(table, source=f"request apps[{index}]"))
+        except ConfigError as exc:
+            raise CommandError("bad_args", str(exc)) from None
+    return specs
+
+
+def _json_table(table: Mapping[str, object]) -> JsonObject:
+    result: JsonObject = {}
+    for key, value in table.items():
+        if isinstance(value, str | int | float | bool) or value is None:
+            result[key] = value
+        elif isinstance(value, list):
+            result[key] = [str(v) for v in value]
+        elif isinstance(value, dict):
+            result[key] = {str(k): str(v) for k, v in value.items()}
+    return result

@@ -1,0 +1,113 @@
+"""PMX_HOME: where it is, its safety checks, the daemon's lock, and every file name in it.
+
+The CLI imports the names from here, so client and daemon can never disagree on where
+a socket or the pid file lives. Standard library only (the CLI's start-up time counts).
+
+    PMX_HOME/            0700, owned by the daemon's user
+      rpc.sock           requests (ZeroMQ ROUTER), 0600
+      pub.sock           events, stats and logs (ZeroMQ PUB), 0600
+      notify.sock        the apps' NOTIFY_SOCKET (readiness)
+      pmxd.lock          flock held for the daemon's whole life
+      pmxd.pid           the daemon's pid, written once the lock is held
+      pmxd.log           the daemon's own log
+      state.json         the live state, for crash recovery
+      dump.toml          `pmx save`
+      logs/              the apps' logs
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import stat
+from pathlib import Path
+
+from .errors import HomeError
+
+RPC_SOCKET = "rpc.sock"
+PUB_SOCKET = "pub.sock"
+NOTIFY_SOCKET = "notify.sock"
+LOCK_FILE = "pmxd.lock"
+PID_FILE = "pmxd.pid"
+DAEMON_LOG = "pmxd.log"
+STATE_FILE = "state.json"
+DUMP_FILE = "dump.toml"
+LOGS_DIR = "logs"
+
+
+def default_home() -> Path:
+    """$PMX_HOME, or ~/.pmx."""
+    return Path(os.environ.get("PMX_HOME") or Path.home() / ".pmx")
+
+
+def prepare_home(home: Path) -> None:
+    """Create the home 0700, or refuse one that another user could tamper with."""
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(home)
+    except OSError as exc:
+        raise HomeError(f"cannot use home {home}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise HomeError(f"refusing home {home}: it is a symlink or not a directory")
+    if info.st_uid != os.getuid():
+        raise HomeError(f"refusing home {home}: it belongs to uid {info.st_uid}, not to you "
+                        f"(uid {os.getuid()})")
+    if info.st_mode & 0o022:
+        raise HomeError(f"refusing home {home}: it is writable by group or others "
+                        f"(mode {stat.S_IMODE(info.st_mode):o}); chmod 700 it")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(home, 0o700)
+    (home / LOGS_DIR).mkdir(mode=0o700, exist_ok=True)
+
+
+class HomeLock:
+    """An exclusive flock on home/pmxd.lock plus the pid file, held for the daemon's life."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / LOCK_FILE
+        self.pid_path = home / PID_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise HomeError(f"pmxd is already running (pid {self.holder()}) in "
+                                f"{self.path.parent}") from None
+            raise
+        self._fd = fd
+        self.pid_path.write_text(f"{os.getpid()}\n")
+        os.chmod(self.pid_path, 0o600)
+
+    def holder(self) -> str:
+        try:
+            return self.pid_path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.pid_path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; return the soft limit in force.
+
+    libzmq aborts the whole process on EMFILE, and every child costs two pipe fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

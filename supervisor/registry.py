@@ -1,0 +1,153 @@
+"""The registry: every app by name, instance ids, target resolution, the rows `list` shows.
+
+A target on the wire is "all", an app name, or an instance id (digits). `resolve` turns
+it into `Target`s: an app with either all its instances or the chosen ones. Names win
+over ids (an app cannot be named with digits only, so the two never clash today).
+Instance ids are unique for the daemon's life and never reused, as PM2's pm_id.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from .app import AppGroup
+from .config import AppSpec
+from .errors import CommandError, SpawnError
+from .monitor import InstanceStats
+from .process import Instance
+from .protocol import Json, JsonObject
+from .states import ENDED, State
+
+AppFactory = Callable[[AppSpec, Mapping[str, str]], AppGroup]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    app: AppGroup
+    chosen: list[Instance] | None  # None: the whole app
+
+    @property
+    def label(self) -> str:
+        """What the user named: the app, or its instances as "app:index"."""
+        if self.chosen is None:
+            return self.app.name
+        return ", ".join(instance.name for instance in self.chosen)
+
+
+class Registry:
+    def __init__(self, make_app: AppFactory) -> None:
+        self.apps: dict[str, AppGroup] = {}
+        self._make_app = make_app
+        self._next_instance_id = 0
+
+    def next_id(self) -> int:
+        value = self._next_instance_id
+        self._next_instance_id += 1
+        return value
+
+    def __len__(self) -> int:
+        return len(self.apps)
+
+    def __iter__(self) -> Iterator[AppGroup]:
+        return iter(list(self.apps.values()))
+
+    def get(self, name: str) -> AppGroup | None:
+        return self.apps.get(name)
+
+    def remove(self, name: str) -> None:
+        self.apps.pop(name, None)
+
+    def instances(self) -> Iterator[Instance]:
+        for app in list(self.apps.values()):
+            yield from app.all_instances()
+
+    def check_idle(self) -> None:
+        """Raise `busy` when any app has an operation running."""
+        for app in self.apps.values():
+            app.check_idle()
+
+    # ------------------------------------------------------------ targets
+
+    def resolve(self, target: str) -> list[Target]:
+        """"all", an app name or an instance id -> the apps and instances it names."""
+        if target == "all":
+            return [Target(app, None) for app in self.apps.values()]
+        if target in self.apps:
+            return [Target(self.apps[target], None)]
+        if target.isascii() and target.isdigit():
+            wanted = int(target)
+            for app in self.apps.values():
+                for instance in app.instances.values():
+                    if instance.id == wanted:
+                        return [Target(app, [instance])]
+        shown = target if len(target) <= 64 else target[:61] + "..."
+        raise CommandError("not_found", f'no app or instance id "{shown}"')
+
+    def find_by_pid(self, pid: int) -> Instance | None:
+        """The instance whose main process is `pid` or leads `pid`'s process group."""
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            group = -1
+        for instance in self.instances():
+            if instance.pid is not None and instance.pid in (pid, group):
+                return instance
+        return None
+
+    # ------------------------------------------------------------ starting
+
+    async def start_specs(self, specs: list[AppSpec], base_env: Mapping[str, str], *,
+                          skip_existing: bool = False) -> JsonObject:
+        """Create (or start again) the apps of `specs`; one app's spawn failure is reported
+        in "errors" and does not stop the others. An existing app with other settings is
+        refused (unless `skip_existing`: resurrect and recovery keep what runs)."""
+        for spec in specs:
+            existing = self.apps.get(spec.name)
+            if existing is not None and existing.spec != spec and not skip_existing:
+                raise CommandError(
+                    "bad_args", f'app "{spec.name}" already exists with other settings; '
+                    f"use `pmx reload FILE` to apply them, or `pmx delete {spec.name}` first")
+            if existing is not None:
+                existing.check_idle()
+        started: list[Json] = []
+        errors: list[Json] = []
+        for spec in specs:
+            app = self.apps.get(spec.name)
+            created = app is None
+            if app is None:
+                app = self.apps[spec.name] = self._make_app(spec, base_env)
+            async with app.operation("start"):
+                try:
+                    problems = app.start()
+                except SpawnError as exc:
+                    if created:
+                        del self.apps[spec.name]
+                    errors.append(str(exc))
+                    continue
+            errors.extend(problems)
+            started.append(spec.name)
+        return {"started": started, "errors": errors}
+
+    # ------------------------------------------------------------ rows
+
+    def rows(self, stats: Mapping[int, InstanceStats]) -> list[Json]:
+        """One row per instance (replacements included), in app then slot order."""
+        return [instance_row(app, instance, stats) for app in self.apps.values()
+                for instance in sorted(app.all_instances(), key=lambda i: (i.index, i.id))]
+
+
+def instance_row(app: AppGroup, instance: Instance, stats: Mapping[int, InstanceStats]) -> JsonObject:
+    sample = stats.get(instance.pid or -1)
+    running = instance.state not in (*ENDED, State.WAITING)
+    return {
+        "name": app.name, "id": instance.id, "instance": instance.index,
+        "pid": instance.pid if running else None, "status": instance.state.value,
+        "reason": instance.reason, "restarts": instance.restarts,
+        "cpu": sample.cpu if sample and running else 0.0,
+        "memory": sample.memory if sample and running else 0,
+        "exec_mode": app.spec.exec_mode, "uptime": round(instance.uptime_s(), 1),
+        "since": instance.since,
+        "listen": list(app.sockets.bound_addresses()) if app.sockets else [],
+    }

@@ -1,0 +1,204 @@
+"""Spawning one app process: its argv and environment, credentials, inherited sockets.
+
+`spawn()` is the only place pmx creates an app's process. The process gets:
+- its own session and process group (so stopping it can kill everything it left there),
+- stdin from /dev/null, stdout and stderr on two pipes that pmxd reads,
+- only fds 0-2, plus the app's listening sockets from fd 3 on in cluster mode,
+- the app's env over pmxd's base env, plus the PM2-compatible identity variables and a
+  unique PMX_RUN_ID that marks it and every process it starts (so escapees can be found).
+
+Cluster sockets need to sit at fds 3.. in the child, and subprocess can only keep fds at
+their own numbers, so the child first runs a tiny shim (`_EXEC_SHIM`) that moves them and
+sets LISTEN_PID to its own pid (which exec keeps): systemd's protocol wants the child's
+pid there, and the parent cannot know it before fork without an unsafe pre-exec hook.
+"""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import os
+import pwd
+import resource
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .config import AppSpec
+from .errors import SpawnError
+
+FD_RESERVE = 64  # fds pmxd keeps free: libzmq aborts the whole process on EMFILE
+_run_ids = itertools.count(1)
+
+_EXEC_SHIM = """\
+import fcntl, os, sys
+count = int(sys.argv[1])
+sources = [int(fd) for fd in sys.argv[2:2 + count]]
+argv = sys.argv[2 + count:]
+floor = max(sources + [2 + count]) + 1
+moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in sources]
+for fd in sources:
+    os.close(fd)
+for slot, fd in enumerate(moved):
+    os.dup2(fd, 3 + slot)
+    os.close(fd)
+if "LISTEN_FDS" in os.environ:
+    os.environ["LISTEN_PID"] = str(os.getpid())
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"pmx: cannot execute {argv[0]}: {exc.strerror}\\n")
+    os._exit(127)
+"""
+
+# Inherited from pmxd's own environment, but meaningless (or harmful) for an app.
+_STALE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PMX_LISTEN_FD", "NOTIFY_SOCKET")
+
+
+@dataclass(frozen=True, slots=True)
+class Inheritance:
+    """Listening sockets handed to an instance from fd 3 on, with their names."""
+
+    fds: Sequence[int]
+    names: Sequence[str]
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the process is, for its environment: PM2's variables and pmx's own."""
+
+    app: str
+    index: int
+    instance_id: int
+
+
+@dataclass(slots=True)
+class Spawned:
+    popen: subprocess.Popen[bytes]
+    stdout_fd: int
+    stderr_fd: int
+    run_id: str
+    argv: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] | None = None
+
+
+def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
+                    inheritance: Inheritance | None, notify_socket: str | None,
+                    run_id: str) -> tuple[list[str], dict[str, str]]:
+    """The argv (with {fd}, {port} and {instance} replaced) and the full environment."""
+    values = {"instance": str(who.index), "fd": "3", "port": ""}
+    if inheritance is not None and inheritance.port is not None:
+        values["port"] = str(inheritance.port)
+    argv = [_template(arg, values) for arg in spec.command()]
+    env = dict(base_env)
+    env.update(spec.env)
+    env.update({
+        "PMX_APP_NAME": spec.name, "PMX_ID": str(who.instance_id), "PMX_INSTANCE": str(who.index),
+        "NODE_APP_INSTANCE": str(who.index), "pm_id": str(who.instance_id), "name": spec.name,
+        "PMX_RUN_ID": run_id,
+    })
+    for stale in _STALE_VARIABLES:
+        env.pop(stale, None)
+    if inheritance is not None:
+        env["PMX_LISTEN_FD"] = "3"
+        # An app told its fd by argument ({fd}) gets no socket-activation variables:
+        # servers such as gunicorn adopt LISTEN_FDS by themselves, close the fd, and
+        # would then fail on --bind fd://3.
+        if not any("{fd}" in arg for arg in spec.args):
+            env.update({"LISTEN_FDS": str(len(inheritance.fds)),
+                        "LISTEN_FDNAMES": ":".join(inheritance.names)})
+        if inheritance.port is not None:
+            env["PORT"] = str(inheritance.port)
+    if notify_socket is not None:
+        env["NOTIFY_SOCKET"] = notify_socket
+    return argv, env
+
+
+def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
+          inheritance: Inheritance | None, notify_socket: str | None) -> Spawned:
+    """Start the process. Raises SpawnError with a one-line reason; leaks no fd."""
+    run_id = f"{os.getpid()}.{next(_run_ids)}"
+    argv, env = command_and_env(spec, who, base_env, inheritance, notify_socket, run_id)
+    if not os.path.isdir(spec.cwd):
+        raise SpawnError(f'cannot start app "{spec.name}": cwd {spec.cwd} is not a directory')
+    argv[0] = _executable(spec.name, argv[0], env)
+    _check_fd_headroom(spec.name, 4 + (len(inheritance.fds) if inheritance else 0))
+    credentials = _credentials(spec, env)
+    shown = list(argv)
+    pass_fds: tuple[int, ...] = ()
+    if inheritance is not None:
+        pass_fds = tuple(inheritance.fds)
+        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(pass_fds)),
+                *map(str, pass_fds), *argv]
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_write,
+            stderr=err_write, close_fds=True, pass_fds=pass_fds, start_new_session=True,
+            user=credentials.uid, group=credentials.gid, extra_groups=credentials.groups,
+        )
+    except OSError as exc:
+        for fd in (out_read, err_read):
+            os.close(fd)
+        raise SpawnError(f'cannot start app "{spec.name}": {argv[0]}: '
+                         f"{exc.strerror or exc}") from None
+    finally:
+        os.close(out_write)
+        os.close(err_write)
+    return Spawned(popen, out_read, err_read, run_id, shown)
+
+
+def _executable(app: str, program: str, env: Mapping[str, str]) -> str:
+    executable = shutil.which(program, path=env.get("PATH", os.defpath)) if (
+        "/" not in program) else program
+    if executable is None or not os.access(executable, os.X_OK) or os.path.isdir(executable):
+        why = "not found" if executable is None or not os.path.exists(executable) else (
+            "permission denied (not executable)")
+        raise SpawnError(f'cannot start app "{app}": {program}: {why}')
+    return executable
+
+
+def _check_fd_headroom(app: str, needed: int) -> None:
+    """Refuse a spawn that would eat into the reserve of file descriptors."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    in_use = len(os.listdir("/proc/self/fd"))
+    if limit != resource.RLIM_INFINITY and in_use + needed > limit - FD_RESERVE:
+        raise SpawnError(f'cannot start app "{app}": pmxd is near its open-file limit '
+                         f"({in_use} of {limit} file descriptors in use, {FD_RESERVE} kept in "
+                         "reserve); raise LimitNOFILE / ulimit -n")
+
+
+def _credentials(spec: AppSpec, env: dict[str, str]) -> Credentials:
+    """Popen arguments for `user`/`group`, and the user's HOME, USER and LOGNAME.
+
+    Popen(user=...) alone would keep pmxd's group and supplementary groups (root's 0),
+    so the gid and the exact supplementary groups of the user are passed as well."""
+    if spec.user is None and spec.group is None:
+        return Credentials()
+    try:
+        account = pwd.getpwnam(spec.user) if spec.user else pwd.getpwuid(os.getuid())
+        gid = grp.getgrnam(spec.group).gr_gid if spec.group else account.pw_gid
+    except KeyError as exc:
+        raise SpawnError(f'cannot start app "{spec.name}": no such user or group '
+                         f"{exc.args[0]}") from None
+    if os.getuid() != 0 and (account.pw_uid != os.getuid() or gid != os.getgid()):
+        raise SpawnError(f'cannot start app "{spec.name}" as {account.pw_name}: pmxd does '
+                         "not run as root")
+    env.update({"HOME": account.pw_dir, "USER": account.pw_name, "LOGNAME": account.pw_name})
+    return Credentials(account.pw_uid, gid, os.getgrouplist(account.pw_name, gid))
+
+
+def _template(arg: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg
