@@ -1,3 +1,32 @@
-"""pmxd, the pmx daemon: owns every managed process. Entry point: pmx.supervisor.daemon:main."""
+"""pmxd, the pmx daemon: owns every managed process. Entry point: pmx.supervisor.daemon:main.
+
+The modules, one responsibility each (imports flow downwards in this list):
+
+    daemon.py     wiring, lifecycle, signals, `main`; the instances' Runtime
+    commands.py   the request handlers, each docstring its spec; typed Args; the command table
+    registry.py   the apps by name, instance ids, target resolution, the rows of `list`
+    recovery.py   state.json, crash recovery, the socket hand-over of `pmx update`
+    control.py    the ZeroMQ server: ROUTER for requests, PUB for events, stats and logs
+    monitor.py    CPU and memory sampling (psutil, off the loop), memory-limit restarts
+    app.py        AppGroup: an app's instances; start, stop, scale, one-by-one reload
+    process.py    Instance: one slot's process and its state machine
+    spawn.py      creating a process: argv, env, credentials, inherited sockets
+    sockets.py    cluster mode's listening sockets, bound by pmxd
+    readiness.py  when an instance counts as ready: notify socket, probes
+    reaper.py     exits through pidfds; SIGCHLD for strays
+    logs.py       pipe readers, log files with rotation, output routing
+    dump.py       `pmx save` / `pmx resurrect` (the dump is an ecosystem file)
+    config.py     ecosystem TOML -> AppSpec, errors naming file, app and key
+    options.py    the option table and the parsers of option values
+    protocol.py   the wire format both sides import
+    states.py     the state names and moves both sides import
+    home.py       PMX_HOME: checks, the lock, every file name (the CLI imports them)
+    procfs.py     /proc/PID/stat
+    sdnotify.py   systemd's notify protocol, for pmxd and for Python apps
+    errors.py     the exception tree and exit codes
+
+The path of `pmx reload api`: cli/main.py -> cli/client.py + protocol.py -> commands.py
+(Commands.reload) -> app.py (AppGroup.reload, replace) -> process.py (Instance).
+"""
 
 __version__ = "0.1.0"

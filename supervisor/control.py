@@ -53,7 +53,6 @@ class ControlServer:
         self._pub = self._context.socket(zmq.PUB)
         self._tasks: set[asyncio.Task[None]] = set()
         self._receiver: asyncio.Task[None] | None = None
-        self.refused = 0
 
     def bind(self) -> None:
         for sock in (self._router, self._pub):
@@ -92,7 +91,6 @@ class ControlServer:
             identity = frames[0].bytes
             payload = frames[-1]
             if not self._sender_allowed(payload):
-                self.refused += 1
                 log.warning("refused a request from another user (%s)",
                             _peer_address(payload))
                 await self._send(identity, error_reply(None, ErrorCode.DENIED, "permission denied"))

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import format_size
+from .options import format_size
 from .protocol import STATS_TOPIC
 from .states import State
 

@@ -11,7 +11,8 @@ Transport: two ZeroMQ sockets in the daemon's home.
 Examples (version 1)::
 
     request  {"v": 1, "id": "7f3a", "cmd": "stop", "args": {"target": "api"}}
-    reply    {"v": 1, "id": "7f3a", "ok": true, "result": {"stopped": [0, 1]}}
+    reply    {"v": 1, "id": "7f3a", "ok": true, "result": {"stopped": ["api"], "errors": [],
+              "results": [{"target": "api", "ok": true}]}}
     error    {"v": 1, "id": "7f3a", "ok": false,
               "error": {"code": "not_found", "message": "no app or id \\"apj\\""}}
     event    event.api:   {"kind": "state", "app": "api", "id": 0, "instance": 0,

@@ -37,7 +37,6 @@ class Reaper:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._watched: dict[int, tuple[int, ExitCallback]] = {}  # pid -> (pidfd, callback)
-        self.strays_reaped = 0
 
     def install(self) -> None:
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap_strays)
@@ -72,7 +71,7 @@ class Reaper:
             log.exception("bug: exit handler for pid %d failed", pid)
 
     def reap_strays(self) -> None:
-        """SIGCHLD: reap every exited child; watched ones are dispatched, others counted."""
+        """SIGCHLD: reap every exited child; watched ones are dispatched, others logged."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -83,7 +82,6 @@ class Reaper:
             if pid in self._watched:
                 self._dispatch(pid, status)
             else:
-                self.strays_reaped += 1
                 log.debug("reaped stray pid %d (%s)", pid, status)
 
 

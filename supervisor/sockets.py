@@ -7,8 +7,8 @@ instead of being refused. With `reuse_port`, each instance slot has its own
 SO_REUSEPORT socket on the same address, also owned by the daemon and handed to the
 slot's replacement: the kernel balances connections across slots.
 
-Nothing is half-bound: `bind_all` closes what it opened when one address fails, and its
-error names the address, the app and the OS reason.
+Nothing is half-bound: `AppSockets.bind` (and each reuse_port slot) closes what it
+opened when one address fails, and the error names the address, the app and the OS reason.
 """
 
 from __future__ import annotations
@@ -157,9 +157,6 @@ class AppSockets:
     def release_slot(self, index: int) -> None:
         for item in self.per_slot.pop(index, []):
             item.sock.close()  # reuseport slots never own a unix path
-
-    def all_sockets(self) -> list[ListenSocket]:
-        return self.shared + [s for group in self.per_slot.values() for s in group]
 
     def bound_addresses(self) -> list[str]:
         """The addresses as bound (port 0 resolved to the real port)."""

@@ -25,7 +25,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from pmx.supervisor.config import OPTIONS
+from pmx.supervisor.options import OPTIONS
 from pmx.supervisor.protocol import MAX_MESSAGE_BYTES, Command
 
 from tests.conftest import CLI, Pmx, make_home

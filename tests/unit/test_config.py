@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from pmx.supervisor.config import (
-    MASK,
-    OPTIONS,
-    AppSpec,
-    cpu_count,
-    mask_env,
-    parse_app,
-    parse_duration_s,
-    parse_ecosystem,
-    parse_size_bytes,
-    spec_from_table,
-)
+from pmx.supervisor.config import MASK, AppSpec, mask_env, parse_app, parse_ecosystem, spec_from_table
 from pmx.supervisor.errors import ConfigError
+from pmx.supervisor.options import OPTIONS, cpu_count, parse_duration_s, parse_size_bytes
 
 BASE: dict[str, object] = {"name": "api", "script": "api.py"}
 
