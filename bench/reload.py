@@ -17,6 +17,18 @@ reload, every instance must be online with a new pid.
     python bench/reload.py             # 10 reloads per mode (about 1 minute)
     python bench/reload.py --quick     # 3 reloads per mode (about 25 s)
     python bench/reload.py --app nodelay   # the same app with TCP_NODELAY (see http_nodelay.py)
+
+`--dropin` measures drop-in cluster mode instead: unmodified servers that call
+listen($PORT) themselves (tests/apps/node_hello.js, tests/apps/py_hello.py), run with
+exec_mode = "cluster" and no `listen` key, so pmx's preloads share the port the first
+instance binds and a replacement counts as ready once it reports listening. It runs the
+matrix app {Node, Python} x instances {2, 4} x readiness {none, wait_ready (node_ready.js,
+py_ready.py)} x load {fresh, keep-alive}, one fresh pmx home per app/instances/readiness,
+prints each mode's report as above, then one summary row per combination. Node rows are
+skipped, with a note, when `node` is not installed.
+
+    python bench/reload.py --dropin --quick   # 3 reloads per combination (about 2.5 min)
+    python bench/reload.py --dropin           # 5 reloads per combination (about 5 min)
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,11 +45,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from benchlib import (
     CLI,
     HTTP_APP,
     REPO,
+    TEST_APPS,
     PmxHome,
     answers,
     cores_note,
@@ -62,6 +77,7 @@ class Outcome:
 @dataclass
 class ModeResult:
     mode: str
+    app: str = "web"  # the pmx app name that was reloaded
     outcomes: list[Outcome] = field(default_factory=list)
     windows: list[tuple[float, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -109,13 +125,17 @@ def client_loop(port: int, keep_alive: bool, stop: threading.Event, out: list[Ou
         conn.close()
 
 
-def instance_pids(pmx: PmxHome) -> list[tuple[str, int | None]]:
-    return [(str(r["status"]), r["pid"]) for r in pmx.list() if r["name"] == "web"]
+def instance_pids(pmx: PmxHome, name: str = "web") -> list[tuple[str, int | None]]:
+    return [(str(r["status"]), r["pid"]) for r in pmx.list() if r["name"] == name]
 
 
 def run_mode(pmx: PmxHome, port: int, *, keep_alive: bool, clients: int, reloads: int,
-             settle: float, gap: float, instances: int) -> ModeResult:
-    result = ModeResult("keep-alive" if keep_alive else "fresh connection per request")
+             settle: float, gap: float, instances: int, name: str = "web",
+             label: str = "") -> ModeResult:
+    """Load app `name` (`instances` instances) on `port` and `pmx reload` it `reloads` times.
+    `label` is put before the mode's name in its report."""
+    result = ModeResult(label + ("keep-alive" if keep_alive else "fresh connection per request"),
+                        app=name)
     per_client: list[list[Outcome]] = [[] for _ in range(clients)]
     stop = threading.Event()
     threads = [threading.Thread(target=client_loop, args=(port, keep_alive, stop, per_client[i]),
@@ -126,17 +146,17 @@ def run_mode(pmx: PmxHome, port: int, *, keep_alive: bool, clients: int, reloads
         thread.start()
     try:
         time.sleep(settle)
-        previous = {pid for _, pid in instance_pids(pmx) if pid is not None}
+        previous = {pid for _, pid in instance_pids(pmx, name) if pid is not None}
         for number in range(reloads):
             started = time.monotonic()
-            reload = subprocess.run([*CLI, "reload", "web"], env=pmx.env, capture_output=True,
+            reload = subprocess.run([*CLI, "reload", name], env=pmx.env, capture_output=True,
                                     text=True, timeout=120)
             ended = time.monotonic()
             result.windows.append((started, ended))
             if reload.returncode != 0:
-                result.problems.append(f"reload {number + 1}: `pmx reload web` exited "
+                result.problems.append(f"reload {number + 1}: `pmx reload {name}` exited "
                                        f"{reload.returncode}: {reload.stderr.strip()[-300:]}")
-            rows = instance_pids(pmx)
+            rows = instance_pids(pmx, name)
             now = {pid for _, pid in rows if pid is not None}
             if len(rows) != instances or any(status != "online" for status, _ in rows):
                 result.problems.append(f"reload {number + 1}: after it, instances were {rows}")
@@ -182,7 +202,7 @@ def report(result: ModeResult) -> None:
     if during and outside:
         print(f"  p99 during / outside = {percentile(during, 99) / percentile(outside, 99):.2f}x")
     if reload_times:
-        print(f"  `pmx reload web` wall time: median {ms(statistics.median(reload_times))}, "
+        print(f"  `pmx reload {result.app}` wall time: median {ms(statistics.median(reload_times))}, "
               f"min {ms(min(reload_times))}, max {ms(max(reload_times))}")
         print(f"    each: {', '.join(f'{t:.2f}s' for t in reload_times)}")
     if failures:
@@ -201,18 +221,146 @@ def report(result: ModeResult) -> None:
             print(f"    {line[:220]}")
 
 
+# Drop-in cluster mode: (runtime, label, plain app, the same app with wait_ready)
+DROPIN_APPS = (
+    ("node", "Node hello", TEST_APPS / "node_hello.js", TEST_APPS / "node_ready.js"),
+    ("python", "Python hello", TEST_APPS / "py_hello.py", TEST_APPS / "py_ready.py"),
+)
+DROPIN_INSTANCES = (2, 4)
+DROPIN_READINESS = ("none", "wait_ready")
+
+
+def time_wait_note(port: int) -> str:
+    """Connections to `port` in TIME_WAIT vs the ephemeral port range: near the range's
+    size, connect() reuses TIME_WAIT tuples and the kernel can reset fresh connections pmx
+    never saw (README). On loopback both ends may hold one: a connection counts once."""
+    suffix = f":{port:04X}"
+    connections: set[tuple[str, ...]] = set()
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table_path) as file:
+                for line in file:
+                    fields = line.split()
+                    if fields[3:4] == ["06"] and (fields[1].endswith(suffix)
+                                                  or fields[2].endswith(suffix)):
+                        connections.add(tuple(sorted(fields[1:3])))
+        except OSError:
+            pass
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return f"{len(connections):,} of its connections in TIME_WAIT after"
+    return (f"{len(connections):,} of its connections in TIME_WAIT after "
+            f"({high - low + 1:,} ephemeral ports)")
+
+
+def summary_cells(result: ModeResult, extra: str = "") -> list[object]:
+    """requests, failed, reload median, reload max, notes (failure kinds, problems, extra)."""
+    failures = Counter(str(o.failure) for o in result.outcomes if o.failure)
+    reload_times = [end - start for start, end in result.windows]
+    notes = [f"{kind}: {count}" for kind, count in failures.most_common()]
+    if result.problems:
+        notes.append(f"{len(result.problems)} pmx misbehaviour lines")
+    if result.log_lines:
+        notes.append(f"{len(result.log_lines)} pmxd.log SIGKILL/error lines")
+    if extra:
+        notes.append(extra)
+    return [f"{len(result.outcomes):,}", sum(failures.values()),
+            ms(statistics.median(reload_times)) if reload_times else "n/a",
+            ms(max(reload_times, default=float("nan"))), "; ".join(notes)]
+
+
+def dropin_combination(title: str, script: Path, instances: int, readiness: str, *,
+                       loads: list[bool], clients: int, reloads: int, settle: float,
+                       gap: float) -> list[list[object]]:
+    """One fresh pmx home running `script` as a drop-in cluster; each load mode in it.
+    Returns one summary row per load mode."""
+    cells: list[object] = [title, instances, readiness]
+    load_names = ["keep-alive" if keep_alive else "fresh" for keep_alive in loads]
+    print(f"\n=== {script.relative_to(REPO)}, {instances} instances, readiness {readiness}")
+    rows: list[list[object]] = []
+    with PmxHome() as pmx:
+        port = free_port()
+        wait_line = "wait_ready = true\n" if readiness == "wait_ready" else ""
+        ecosystem = pmx.write("dropin.toml", f"""
+[[apps]]
+name = "web"
+script = "{script}"
+exec_mode = "cluster"
+instances = {instances}
+env = {{ PORT = "{port}" }}
+kill_timeout = "5s"
+{wait_line}""")
+        try:
+            pmx.run("start", str(ecosystem))
+            pmx.wait_online("web", instances)
+            wait_for(lambda: answers(port), timeout=20, what=f"HTTP answer on 127.0.0.1:{port}")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"  pmx misbehaviour: the app did not start: {exc}")
+            return [[*cells, name, "-", "-", "-", "-", "did not start"] for name in load_names]
+        for keep_alive, name in zip(loads, load_names, strict=True):
+            result = run_mode(pmx, port, keep_alive=keep_alive, clients=clients,
+                              reloads=reloads, settle=settle, gap=gap, instances=instances,
+                              label=f"{script.name} x{instances}, readiness {readiness}: ")
+            report(result)
+            extra = "" if keep_alive else time_wait_note(port)
+            rows.append([*cells, name, *summary_cells(result, extra)])
+    return rows
+
+
+def run_dropin(*, instance_counts: tuple[int, ...], loads: list[bool], clients: int,
+               reloads: int, settle: float, gap: float) -> None:
+    """The drop-in matrix: one pmx home per app x instances x readiness, each load mode in
+    it, every mode's report, then one summary row per combination."""
+    rows: list[list[object]] = []
+    for runtime, title, hello, ready in DROPIN_APPS:
+        if shutil.which(runtime) is None:
+            print(f"\nnote: `{runtime}` is not installed: the {title} rows are skipped")
+            continue
+        for instances in instance_counts:
+            for readiness in DROPIN_READINESS:
+                script = ready if readiness == "wait_ready" else hello
+                rows += dropin_combination(title, script, instances, readiness, loads=loads,
+                                           clients=clients, reloads=reloads, settle=settle,
+                                           gap=gap)
+    print(f"\nsummary: {reloads} reloads per row under {clients} client threads; reload = "
+          f"wall time of `pmx reload web` (the CLI's whole run)")
+    table(rows, ["app", "instances", "readiness", "load", "requests", "failed",
+                 "reload median", "reload max", "failure kinds / notes"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 reloads per mode")
-    parser.add_argument("--instances", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--reloads", type=int, help="reloads per mode (default 10)")
+    parser.add_argument("--instances", type=int,
+                        help="instances (default: cores; with --dropin: only this count "
+                             "instead of both 2 and 4)")
+    parser.add_argument("--reloads", type=int,
+                        help="reloads per mode (default 10; with --dropin 5; --quick: 3)")
     parser.add_argument("--clients", type=int, default=4, help="client threads")
     parser.add_argument("--app", choices=("example", "nodelay"), default="example")
     parser.add_argument("--mode", choices=("both", "fresh", "keep-alive"), default="both")
+    parser.add_argument("--dropin", action="store_true",
+                        help="the drop-in cluster matrix (Node/Python hello x 2/4 instances x "
+                             "readiness none/wait_ready x fresh/keep-alive) instead")
     args = parser.parse_args()
-    reloads = args.reloads or (3 if args.quick else 10)
+    if args.dropin and args.app != "example":
+        parser.error("--app does not apply to --dropin (its apps are tests/apps/*_hello)")
+    reloads = args.reloads or (3 if args.quick else 5 if args.dropin else 10)
     settle, gap = (1.0, 0.5) if args.quick else (2.0, 1.0)
+    modes = [False, True] if args.mode == "both" else [args.mode == "keep-alive"]
+    if args.dropin:
+        counts = (args.instances,) if args.instances else DROPIN_INSTANCES
+        print(f"drop-in cluster mode (no `listen` key: pmx's preloads share the port the app "
+              f"binds), {args.clients} Python client threads, {reloads} reloads per "
+              f"combination, {gap:g}s between reloads")
+        cores_note()
+        run_dropin(instance_counts=counts, loads=modes, clients=args.clients, reloads=reloads,
+                   settle=settle, gap=gap)
+        print(f"(`pmx` here is {sys.executable} -m pmx.cli.main)")
+        return
+    args.instances = args.instances or len(os.sched_getaffinity(0))
     app = HTTP_APP if args.app == "example" else NODELAY_APP
     print(f"{args.instances} instances of {app.relative_to(REPO)}, {args.clients} Python client "
           f"threads, {reloads} reloads per mode, {gap:g}s between reloads")
@@ -234,7 +382,6 @@ kill_timeout = "5s"
         pmx.wait_online("web", args.instances)
 
         wait_for(lambda: answers(port), timeout=20, what=f"HTTP answer on 127.0.0.1:{port}")
-        modes = [False, True] if args.mode == "both" else [args.mode == "keep-alive"]
         for keep_alive in modes:
             result = run_mode(pmx, port, keep_alive=keep_alive, clients=args.clients,
                               reloads=reloads, settle=settle, gap=gap, instances=args.instances)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import zmq
 from pmx.supervisor.errors import CommandError, DaemonUnreachable, ProtocolError
+from pmx.supervisor.home import DAEMON_LOG, PID_FILE, PUB_SOCKET, RPC_SOCKET, default_home
 from pmx.supervisor.protocol import (
     Command,
     JsonObject,
@@ -25,25 +26,23 @@ from pmx.supervisor.protocol import (
     encode_request,
 )
 
+from .render import home_relative
+
 DEFAULT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
 
 
 def home_path() -> Path:
-    return Path(os.path.abspath(os.environ.get("PMX_HOME") or Path.home() / ".pmx"))
-
-
-def _shown(home: Path) -> str:
-    text = str(home)
-    user_home = str(Path.home())
-    return "~" + text[len(user_home):] if text.startswith(user_home + "/") else text
+    """The home this client talks to ($PMX_HOME, or ~/.pmx), absolute."""
+    return Path(os.path.abspath(default_home()))
 
 
 class Client:
     def __init__(self, home: Path | None = None) -> None:
         self.home = home or home_path()
-        self.rpc_path = self.home / "rpc.sock"
-        self.pub_path = self.home / "pub.sock"
+        self.rpc_path = self.home / RPC_SOCKET
+        self.pub_path = self.home / PUB_SOCKET
+        self.pid_path = self.home / PID_FILE
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
 
     @property
@@ -66,12 +65,16 @@ class Client:
             return False
         return True
 
+    def has_daemon_files(self) -> bool:
+        """Both the request socket and the pid file exist. pmxd removes both when it stops;
+        a socket without a pid file is stale."""
+        return self.rpc_path.exists() and self.pid_path.exists()
+
     def call(self, command: Command, args: JsonObject | None = None, *,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> JsonObject:
         """Send one request, wait for its reply; raise CommandError for error replies."""
-        if not self.rpc_path.exists() or not (self.home / "pmxd.pid").exists():
-            # pmxd removes both when it stops; a socket without a pid file is stale.
-            raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
+        if not self.has_daemon_files():
+            raise DaemonUnreachable(f"pmxd is not running (home {home_relative(self.home)})")
         self._check_access()
         request = Request(command, args or {})
         sock = self.context.socket(zmq.DEALER)
@@ -85,19 +88,20 @@ class Client:
                 if remaining <= 0 or not sock.poll(int(remaining * 1000)):
                     raise DaemonUnreachable(
                         f"pmxd did not answer {command.value} within {timeout_s:g}s "
-                        f"(home {_shown(self.home)})")
+                        f"(home {home_relative(self.home)})")
                 frames = sock.recv_multipart()
                 try:
                     reply = decode_reply(frames[-1])
                 except ProtocolError as exc:
-                    raise DaemonUnreachable(f"pmxd answered something that is not a pmx "
-                                            f"reply ({exc}); home {_shown(self.home)}") from None
+                    raise DaemonUnreachable(
+                        f"pmxd answered something that is not a pmx reply ({exc}); "
+                        f"home {home_relative(self.home)}") from None
                 if reply.id and reply.id != request.id:
                     continue  # a late reply to an earlier request on a reused identity
                 if not reply.ok:
                     if reply.error_code == "denied":
                         raise CommandError("denied", f"permission denied by pmxd in "
-                                                     f"{_shown(self.home)}")
+                                                     f"{home_relative(self.home)}")
                     raise CommandError(reply.error_code, reply.error_message)
                 return reply.result
         finally:
@@ -111,7 +115,7 @@ class Client:
         except OSError:
             return
         if owner != os.getuid() or not os.access(self.rpc_path, os.R_OK | os.W_OK):
-            raise CommandError("denied", f"permission denied: pmxd in {_shown(self.home)} "
+            raise CommandError("denied", f"permission denied: pmxd in {home_relative(self.home)} "
                                          f"belongs to uid {owner}")
 
     def ensure_daemon(self, announce: bool = True) -> bool:
@@ -130,15 +134,15 @@ class Client:
         while not self.is_running():
             if time.monotonic() > deadline:
                 raise DaemonUnreachable(f"pmxd did not answer within {START_TIMEOUT_S:g}s "
-                                        f"after starting (see {self.home}/pmxd.log)")
+                                        f"after starting (see {self.home / DAEMON_LOG})")
             time.sleep(0.02)
         if announce:
-            print(f"[pmx] started pmxd (home {_shown(self.home)})", file=sys.stderr)
+            print(f"[pmx] started pmxd (home {home_relative(self.home)})", file=sys.stderr)
         return True
 
     def subscribe(self, topics: list[str]) -> zmq.Socket[bytes]:
         if not self.pub_path.exists():
-            raise DaemonUnreachable(f"pmxd is not running (home {_shown(self.home)})")
+            raise DaemonUnreachable(f"pmxd is not running (home {home_relative(self.home)})")
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100000)

@@ -11,12 +11,16 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from pmx.supervisor.protocol import Json, JsonObject
+from pmx.supervisor.states import State
 
-STATUS_STYLE = {
-    "online": "green", "starting": "cyan", "launching": "cyan", "stopping": "yellow",
-    "waiting": "yellow", "stopped": "dim", "errored": "bold red",
+# Keyed by State, looked up with the status strings of a reply (a StrEnum equals its value).
+STATUS_STYLE: dict[str, str] = {
+    State.ONLINE: "green", State.STARTING: "cyan", State.LAUNCHING: "cyan",
+    State.STOPPING: "yellow", State.WAITING: "yellow", State.STOPPED: "dim",
+    State.ERRORED: "bold red",
 }
 # C0/C1 control characters except tab, and ESC: shown as \xNN on a terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -27,6 +31,7 @@ def print_json(value: Json) -> None:
 
 
 def human_size(size: object) -> str:
+    """Bytes as 1.5gb, 31.0mb, 2.0kb or 512b; "0b" for nothing or not a number."""
     if not isinstance(size, int | float) or size <= 0:
         return "0b"
     for unit, factor in (("gb", 1024**3), ("mb", 1024**2), ("kb", 1024)):
@@ -35,14 +40,25 @@ def human_size(size: object) -> str:
     return f"{int(size)}b"
 
 
-def human_duration(seconds: object) -> str:
+def human_duration(seconds: object, *, exact: bool = False) -> str:
+    """Seconds in the largest whole unit (3d, 5h, 12m, 40s), as an uptime is shown; with
+    exact, in seconds as they are (1.6s, 60s), as a setting is shown. "0s" for nothing."""
     if not isinstance(seconds, int | float) or seconds <= 0:
         return "0s"
+    if exact:
+        return f"{seconds:g}s"
     value = int(seconds)
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
         if value >= factor:
             return f"{value // factor}{unit}"
     return f"{value}s"
+
+
+def home_relative(path: str | Path) -> str:
+    """A path under the user's home directory as ~/rest; any other path as it is."""
+    text = str(path)
+    user_home = str(Path.home())
+    return "~" + text[len(user_home):] if text.startswith(user_home + os.sep) else text
 
 
 def neutralise(text: str) -> str:
@@ -81,7 +97,7 @@ def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = No
         console.print("[dim]no apps; start one with[/] pmx start ecosystem.toml")
         return
     console.print(table)
-    problems = [r for r in rows if r.get("status") == "errored"]
+    problems = [r for r in rows if r.get("status") == State.ERRORED]
     for row in problems:
         console.print(f"[red]{row.get('name')}:{row.get('instance')} errored:[/] "
                       f"{neutralise(str(row.get('reason')))}", highlight=False)
@@ -101,6 +117,8 @@ def describe(apps: Sequence[JsonObject]) -> None:
                       title_style="bold")
         table.add_column("key", style="bold")
         table.add_column("value", overflow="fold")
+        if app.get("mode"):
+            table.add_row("mode", neutralise(str(app.get("mode"))))
         listen = app.get("listen")
         if listen:
             table.add_row("listening on", ", ".join(map(str, listen)) if isinstance(

@@ -14,21 +14,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 
 from .config import AppSpec
+from .dropin import FAMILIES, ListenReport, preload_env, runtime_of, take_socket, uses_preload
 from .errors import CommandError, SpawnError
 from .logs import LogFile, LogFiles, instance_log_path
-from .process import Instance, Runtime
+from .process import Instance, NotReadyInTime, Runtime
 from .readiness import wait_probe
-from .sockets import AppSockets
+from .sockets import BACKLOG, AppSockets, ListenSocket
 from .spawn import Inheritance
 from .states import ENDED, RUNNING, State
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+LISTEN_SETTLE_S = 0.1  # quiet time after a listen report before the other instances start
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int]:
+    fd = os.pidfd_open(pid)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class AppGroup:
@@ -53,6 +65,7 @@ class AppGroup:
         self.sockets: AppSockets | None = None
         self.busy: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heard_listening = asyncio.Event()  # a preload reported a listen (dropin.py)
 
     @property
     def name(self) -> str:
@@ -78,11 +91,15 @@ class AppGroup:
     # ------------------------------------------------------------ instances
 
     def _inheritance(self, index: int) -> Inheritance | None:
+        node = runtime_of(self.spec) == "node"  # Node apps get the IPC channel Node expects
         if self.sockets is None:
-            return None
+            return Inheritance((), (), None, node_channel=True) if node else None
         sockets = self.sockets.ensure_slot(index)
         names = [f"{self.name}-{n}" for n in range(len(sockets))]
-        return Inheritance([s.sock.fileno() for s in sockets], names, sockets[0].port)
+        env = preload_env(self.spec, [s.sock for s in sockets], self.base_env) if (
+            uses_preload(self.spec)) else {}
+        return Inheritance([s.sock.fileno() for s in sockets], names,
+                           sockets[0].port if sockets else None, env, node)
 
     def _new_instance(self, index: int, instance_id: int | None = None) -> Instance:
         return Instance(
@@ -90,7 +107,81 @@ class AppGroup:
             instance_id=self._next_id() if instance_id is None else instance_id,
             spec=lambda: self.spec, runtime=self._runtime, base_env=lambda: self.base_env,
             inheritance=self._inheritance, on_change=self._on_instance_change,
+            on_listening=self._on_listening,
         )
+
+    @property
+    def mode(self) -> str:
+        """How the app runs, in words, for `describe`."""
+        spec = self.spec
+        if not spec.is_cluster:
+            return "fork: each instance on its own"
+        how = "one SO_REUSEPORT socket per instance" if spec.reuse_port else "shared sockets"
+        if uses_preload(spec):
+            declared = "declared in listen" if spec.listen else "learned from the app"
+            return (f"cluster: {how} owned by pmxd ({declared}); {runtime_of(spec)} preload "
+                    "routes the app's own listen() to them")
+        return f"cluster: {how} owned by pmxd, passed as fd 3 on (LISTEN_FDS)"
+
+    # ------------------------------------------------------------ drop-in cluster mode
+
+    def _on_listening(self, instance: Instance, report: ListenReport) -> None:
+        """A preload says `instance` listens. A port the app bound itself becomes the
+        app's: pmxd takes a copy of that socket and every other instance shares it."""
+        log.info("%s (pid %s) listens on %s%s", instance.name, instance.pid, report.address,
+                 " (the shared socket)" if report.adopted else "")
+        # Only a port learned from the app: with `listen` declared, the cluster's
+        # addresses are those, and the app's other ports stay its own business.
+        if not report.adopted and self.sockets is not None and uses_preload(self.spec) \
+                and not self.spec.listen and instance.pidfd is not None:
+            if report.pid in (None, instance.pid):
+                self._adopt(instance.pidfd, report)
+            else:  # a process of the instance's group, not its main one
+                with contextlib.suppress(OSError), _pidfd(report.pid) as pidfd:
+                    self._adopt(pidfd, report)
+        self._heard_listening.set()
+        if not self.spec.wait_ready and not self.spec.ready_check:
+            instance.mark_ready(f"listening on {report.address}")
+
+    def _adopt(self, pidfd: int, report: ListenReport) -> None:
+        assert self.sockets is not None
+        for held in self.sockets.shared:
+            if held.unix_path is None and held.sock.getsockname()[1] == report.port \
+                    and FAMILIES.get(held.sock.family) == report.family:
+                return  # already ours (another instance reported it first)
+        try:
+            sock = take_socket(pidfd, report.fd)
+            sock.listen(BACKLOG)  # the app may have asked for a small backlog
+        except OSError as exc:
+            log.warning("%s: cannot take the socket of %s from the app (%s); other "
+                        "instances cannot share that port", self.name, report.address, exc)
+            return
+        self.sockets.shared.append(ListenSocket(report.address, sock))
+        self.sockets.addresses = (*self.sockets.addresses, report.address)
+        log.info("%s: pmxd now holds %s; every instance shares it", self.name, report.address)
+
+    def _must_learn_port(self) -> bool:
+        return (uses_preload(self.spec) and not self.spec.listen and self.sockets is not None
+                and not self.sockets.shared)
+
+    async def _wait_listening(self, instance: Instance) -> None:
+        """The first instance of an app whose port is not known yet: wait until it listens
+        (or exits, or listen_timeout passes) before starting the others on its socket."""
+        self._heard_listening.clear()
+        heard = asyncio.ensure_future(self._heard_listening.wait())
+        exited = asyncio.ensure_future(instance.wait_exit())
+        try:
+            await asyncio.wait({heard, exited}, timeout=self.spec.listen_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            exited.cancel()
+        # An app may listen on several sockets one after the other (aiohttp binds IPv4,
+        # then IPv6): the others start once the reports have stopped coming.
+        while self._heard_listening.is_set() and instance.pid is not None:
+            self._heard_listening.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard_listening.wait(), LISTEN_SETTLE_S)
 
     def log_paths(self, index: int) -> tuple[Path, Path]:
         spec = self.spec
@@ -148,6 +239,13 @@ class AppGroup:
             instance.mark_ready(f"ready: {check} answered")
         elif spec.wait_ready:
             await instance.wait_ready(spec.listen_timeout_s)
+        elif uses_preload(spec):
+            # Ready when the preload reports the app listening; an instance that never
+            # listens (a worker) is ready once it has stayed up for listen_timeout.
+            try:
+                await instance.wait_ready(spec.listen_timeout_s)
+            except NotReadyInTime:
+                instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
         else:
             # No signal from the app: ready once it has stayed up for listen_timeout.
             try:
@@ -161,27 +259,41 @@ class AppGroup:
 
     # ------------------------------------------------------------ commands
 
-    def start(self, reason: str = "started") -> list[str]:
+    async def start(self, reason: str = "started") -> list[str]:
         """Bind sockets if needed, then start every instance that is not running.
 
-        Returns errors (spawn failures) as sentences; the instances concerned are errored."""
+        When the port must be learned from the app (drop-in cluster mode), the first
+        instance starts alone and the others once it listens. Returns errors (spawn
+        failures) as sentences; the instances concerned are errored."""
         if self.spec.is_cluster and self.sockets is None:
             sockets = AppSockets(self.name, self.spec.listen, self.spec.reuse_port)
             sockets.bind()  # raises SpawnError: nothing started yet
             self.sockets = sockets
         errors: list[str] = []
+        waiting = []
         for index in range(self.spec.instances):
             instance = self.instances.get(index)
             if instance is None:
                 instance = self.instances[index] = self._new_instance(index)
             if instance.state in ENDED:
-                if instance.state is State.ERRORED:
-                    instance.forget_instability()
-                try:
-                    instance.start(reason)
-                except SpawnError as exc:
-                    errors.append(str(exc))
+                waiting.append(instance)
+        if waiting and self._must_learn_port():
+            first = waiting.pop(0)
+            errors.extend(self._start_one(first, reason))
+            if first.pid is not None:
+                await self._wait_listening(first)
+        for instance in waiting:
+            errors.extend(self._start_one(instance, reason))
         return errors
+
+    def _start_one(self, instance: Instance, reason: str) -> list[str]:
+        if instance.state is State.ERRORED:
+            instance.forget_instability()
+        try:
+            instance.start(reason)
+        except SpawnError as exc:
+            return [str(exc)]
+        return []
 
     async def stop(self, reason: str = "stopped") -> None:
         await asyncio.gather(*(inst.stop(reason) for inst in self.all_instances()))
@@ -190,7 +302,7 @@ class AppGroup:
         await self.stop("restarting")
         for instance in self.instances.values():
             instance.count_restart()
-        return self.start("restarted")
+        return await self.start("restarted")
 
     async def delete(self) -> None:
         await self.stop("deleted")
@@ -214,7 +326,7 @@ class AppGroup:
                 if self.sockets is not None:
                     self.sockets.release_slot(inst.index)
             return []
-        return self.start("scaled up")
+        return await self.start("scaled up")
 
     async def reload(self, progress: Progress, new_spec: AppSpec | None = None) -> None:
         """Replace every instance, one at a time; raise SpawnError when one fails."""
@@ -222,14 +334,14 @@ class AppGroup:
             self.spec = new_spec
         spec = self.spec
         if spec.is_cluster and self.sockets is None:
-            self.start("started")
+            await self.start("started")
             return
         for index in range(spec.instances):
             old = self.instances.get(index)
             if old is None or old.state not in RUNNING:
                 if old is None:
                     self.instances[index] = self._new_instance(index)
-                errors = self.start("started by reload")
+                errors = await self.start("started by reload")
                 if errors:
                     raise SpawnError("; ".join(errors))
                 progress(f"{self.name}:{index} started (it was not running)")

@@ -139,7 +139,7 @@ class Commands:
         return {"instances": self._registry.rows(self._host.monitor.stats)}
 
     async def describe(self, args: Args) -> JsonObject:
-        """target, show_secrets? -> {apps: [{name, spec, listen, busy, instances}]}: the full
+        """target, show_secrets? -> {apps: [{name, spec, mode, listen, busy, instances}]}: the full
         settings (secret-looking env values masked unless show_secrets) and, per instance,
         the list row plus its log paths, last exit, unstable restarts, status text, argv."""
         stats = self._host.monitor.stats
@@ -159,7 +159,7 @@ class Commands:
                             "status_text": instance.status_text,
                             "command": list[Json](app.spec.command())})
                 instances.append(row)
-            described.append({"name": app.name, "spec": _json_table(table),
+            described.append({"name": app.name, "spec": _json_table(table), "mode": app.mode,
                               "listen": list[Json](app.sockets.bound_addresses()
                                                    if app.sockets else []),
                               "busy": app.busy, "instances": instances})
@@ -179,7 +179,7 @@ class Commands:
             for target in self._registry.resolve(args.target()):
                 async with target.app.operation("start"):
                     if target.chosen is None:
-                        errors.extend(target.app.start())
+                        errors.extend(await target.app.start())
                     else:
                         for instance in target.chosen:
                             if instance.state in ENDED:
@@ -220,15 +220,22 @@ class Commands:
         return await self._each(args.target(), "restarted", restart_one)
 
     async def reload(self, args: Args) -> JsonObject:
-        """target, or apps (+ base_env, update_env) -> {reloaded: [names], started?}.
+        """target or apps, + base_env and update_env -> {reloaded: [names], started?}.
 
         Each app in turn: replace its instances one at a time (see AppGroup.reload). With
         apps, changed settings are applied and unknown apps are started. A replacement
         that fails stops the reload (failed); the old instances keep serving and the app
-        keeps its previous settings. Changing a cluster's listen addresses is refused."""
+        keeps its previous settings. Changing a cluster's listen addresses is refused.
+        With update_env, the apps take base_env as their environment from now on."""
         tables = args.tables()
         if tables is None:
-            return await self._reload_apps([(t.app, None) for t in self._registry.resolve(args.target())])
+            targets = self._registry.resolve(args.target())
+            env = args.env()
+            if args.flag("update_env") and env is not None:
+                for target in targets:  # PM2's `reload NAME --update-env`
+                    target.app.check_idle()
+                    target.app.base_env = env
+            return await self._reload_apps([(t.app, None) for t in targets])
         specs = _specs_from_request(tables)
         base_env = args.env() or {}
         new_apps = [spec for spec in specs if self._registry.get(spec.name) is None]

@@ -50,6 +50,7 @@ class AppSpec:
     listen: tuple[str, ...]
     port: int | None
     reuse_port: bool
+    preload: bool
     user: str | None
     group: str | None
     autorestart: bool
@@ -59,6 +60,7 @@ class AppSpec:
     exp_backoff_restart_delay_s: float
     kill_timeout_s: float
     stop_signal: str
+    shutdown_with_message: bool
     wait_ready: bool
     ready_check: str | None
     listen_timeout_s: float
@@ -203,10 +205,13 @@ def _check_cluster(values: dict[str, object], where: str) -> None:
             raise ConfigError(f'{where}: give either "port" or "listen", not both')
         values["listen"] = (f"0.0.0.0:{port}",)
         values["port"] = None
-    if values["exec_mode"] == "cluster" and not values["listen"]:
-        raise ConfigError(f'{where}: exec_mode "cluster" needs "listen" (or "port")')
+    if values["exec_mode"] == "cluster" and not values["listen"] and not values["preload"]:
+        raise ConfigError(f'{where}: exec_mode "cluster" with preload = false needs "listen" '
+                          '(or "port"): without the preloads pmx cannot learn the port')
     if values["exec_mode"] != "cluster" and values["listen"]:
         raise ConfigError(f'{where}: "listen" and "port" need exec_mode = "cluster"')
+    if values["exec_mode"] == "cluster" and values["reuse_port"] and not values["listen"]:
+        raise ConfigError(f'{where}: reuse_port needs "listen" (or "port")')
     if values["reuse_port"] and any(str(a).startswith("unix:") for a in values["listen"]):  # type: ignore[attr-defined]
         raise ConfigError(f"{where}: reuse_port works with TCP addresses only")
 

@@ -38,6 +38,7 @@ from .app import AppGroup
 from .commands import Commands
 from .config import AppSpec, parse_ecosystem
 from .control import ControlServer
+from .dropin import ListenReport
 from .dump import read_dump
 from .errors import ExitCode, HomeError, PmxError
 from .home import (
@@ -193,6 +194,10 @@ class Daemon:
             instance.mark_ready("READY=1 received")
         if fields.get("STOPPING") == "1":
             log.info("%s (pid %d) says it is stopping", instance.name, pid)
+        if "PMX_LISTENING" in fields:
+            report = ListenReport.from_notify(fields, pid)
+            if report is not None:
+                instance.report_listening(report)
 
     def _exit_when_all_ended(self) -> None:
         if self._stopping.is_set():
@@ -340,8 +345,20 @@ def _detach() -> int | None:
     return ready_fd
 
 
+def unignore_signals() -> None:
+    """Signals ignored by whoever started pmxd (`pmxd &`, nohup) would stay ignored in every
+    app, since exec keeps SIG_IGN: an app could then never get SIGINT or SIGQUIT as its stop
+    signal. A no-op handler instead keeps pmxd itself immune until the loop's handlers are
+    in place, and exec resets it to the default in the children."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM,
+                   signal.SIGUSR1, signal.SIGUSR2):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, lambda number, frame: None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    unignore_signals()
     home = Path(os.path.abspath(Path(args.home) if args.home else default_home()))
     os.umask(0o077)
     interval = args.monitor_interval or float(os.environ.get("PMX_MONITOR_INTERVAL", "0") or 0) \

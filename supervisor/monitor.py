@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from .options import format_size
 from .protocol import STATS_TOPIC
-from .states import State
+from .states import RUNNING, State
 
 if TYPE_CHECKING:
     from .app import AppGroup
@@ -134,7 +134,7 @@ class ResourceMonitor:
         while True:
             started = time.monotonic()
             roots = [(inst.id, inst.pid) for app in self._apps()
-                     for inst in app.all_instances() if inst.pid is not None]
+                     for inst in app.all_instances() if inst.pid is not None and inst.state in RUNNING]
             try:
                 samples = await loop.run_in_executor(self._worker, self._sampler.sample, roots)
             except Exception:

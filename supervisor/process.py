@@ -27,7 +27,9 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .config import AppSpec
+from .dropin import ListenReport, NodeChannel, uses_preload
 from .errors import IllegalTransition, SpawnError
+from .protocol import Json
 from .spawn import Identity, Inheritance, spawn
 from .states import MOVES, RUNNING, State
 
@@ -36,6 +38,12 @@ log = logging.getLogger(__name__)
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_S = 15.0  # PM2's cap for exp_backoff_restart_delay
 STDERR_TAIL_LINES = 20
+# What servers print when their port is taken (Node, Python, Go, Rust, Java).
+ADDRESS_IN_USE = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+class NotReadyInTime(SpawnError):
+    """The instance was still running but did not say it was ready in time."""
 
 
 def next_restart_delay(unstable_restarts: int, spec: AppSpec) -> float | None:
@@ -93,6 +101,7 @@ class Instance:
         base_env: Callable[[], Mapping[str, str]],
         inheritance: Callable[[int], Inheritance | None],
         on_change: Callable[[Instance], None],
+        on_listening: Callable[[Instance, ListenReport], None] = lambda instance, report: None,
     ) -> None:
         self.app = app
         self.index = index
@@ -102,6 +111,7 @@ class Instance:
         self._base_env = base_env
         self._inheritance = inheritance
         self._on_change = on_change
+        self._on_listening = on_listening
         self.state = State.STOPPED
         self.reason = "created"
         self.since = time.time()
@@ -116,8 +126,10 @@ class Instance:
         self._restart_timer: asyncio.TimerHandle | None = None
         self._exited: asyncio.Future[int] | None = None
         self._popen: subprocess.Popen[bytes] | None = None
-        self._ready_waiter: asyncio.Future[None] | None = None
+        self._ready_waiters: set[asyncio.Future[None]] = set()  # callers of wait_ready
         self.run_id = ""  # unique per spawn; marks the process and all it starts
+        self.channel: NodeChannel | None = None  # Node apps in cluster mode (dropin.py)
+        self.listening: list[str] = []  # addresses the app reported listening on
 
     # ------------------------------------------------------------ state
 
@@ -185,8 +197,22 @@ class Instance:
 
     def _spawn(self) -> None:
         spec = self.spec
-        spawned = spawn(spec, Identity(self.app, self.index, self.id), self._base_env(),
-                        self._inheritance(self.index), self._runtime.notify_socket_path)
+        inheritance = self._inheritance(self.index)
+        channel = None
+        if inheritance is not None and inheritance.node_channel:
+            channel = NodeChannel(self._runtime.loop, self._on_channel_message)
+        try:
+            spawned = spawn(spec, Identity(self.app, self.index, self.id), self._base_env(),
+                            inheritance, self._runtime.notify_socket_path,
+                            channel.child_fd() if channel else None)
+        except SpawnError:
+            if channel is not None:
+                channel.close()
+            raise
+        if channel is not None:
+            channel.spawned()
+        self.channel = channel
+        self.listening = []
         self._popen = spawned.popen
         self.run_id = spawned.run_id
         self.pid = spawned.popen.pid
@@ -197,31 +223,50 @@ class Instance:
         self._runtime.watch_exit(self, self.pid, self.pidfd)
         log.info("%s spawned pid %d: %s", self.name, self.pid, " ".join(spawned.argv))
 
+    # ------------------------------------------------------------ messages from the app
+
+    def _on_channel_message(self, message: Json) -> None:
+        """A message on Node's IPC channel: PM2's "ready", or a preload's report."""
+        if message == "ready":
+            self.mark_ready("the app sent 'ready'")
+        elif isinstance(message, dict) and message.get("pmx") == "listening":
+            report = ListenReport.from_node(message)
+            if report is not None:
+                self.report_listening(report)
+
+    def report_listening(self, report: ListenReport) -> None:
+        """The preload says the app listens (on an inherited socket, or its own)."""
+        if self.pid is None or report.address in self.listening:
+            return
+        self.listening.append(report.address)
+        self._on_listening(self, report)
+
     # ------------------------------------------------------------ readiness
 
     def mark_ready(self, how: str) -> None:
         """Called by readiness checks; moves starting/launching instances online."""
         if self.state in (State.STARTING, State.LAUNCHING):
             self._move(State.ONLINE, f"{self.reason}; {how}")  # keep why it was started
-        if self._ready_waiter is not None and not self._ready_waiter.done():
-            self._ready_waiter.set_result(None)
+        for waiter in self._ready_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until ready; raise SpawnError with the reason when it exits or times out."""
         if self.is_ready:
             return
         waiter = self._runtime.loop.create_future()
-        self._ready_waiter = waiter
+        self._ready_waiters.add(waiter)
         exited = self._exited
         assert exited is not None
         try:
             async with asyncio.timeout(timeout_s):
                 done, _ = await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
-            raise SpawnError(f"{self.name} (pid {self.pid}) was not ready within "
-                             f"{timeout_s:g}s") from None
+            raise NotReadyInTime(f"{self.name} (pid {self.pid}) was not ready within "
+                                 f"{timeout_s:g}s") from None
         finally:
-            self._ready_waiter = None
+            self._ready_waiters.discard(waiter)
         if waiter not in done:
             raise SpawnError(f"{self.name} (pid {self.pid}) exited before it was ready "
                              f"({self.last_exit}){self.stderr_excerpt()}")
@@ -251,6 +296,15 @@ class Instance:
             self._move(State.STOPPED, f"exited ({self.last_exit}); autorestart is off")
             return
         self.unstable_restarts = self.unstable_restarts + 1 if uptime < spec.min_uptime_s else 0
+        # A cluster app with preloads recovers by itself: a restart gets the learned socket.
+        if self.unstable_restarts and spec.instances > 1 and not uses_preload(spec) \
+                and self._port_was_taken():
+            self._move(State.ERRORED, f"{self.last_exit}: its port is already in use, most likely "
+                       "by another instance of this app: this program binds its port itself and "
+                       "cannot share it; give the app exec_mode = \"cluster\" with listen and "
+                       "serve on the inherited socket ({fd}, LISTEN_FDS), or use reuse_port, "
+                       "or run 1 instance")
+            return
         delay = next_restart_delay(self.unstable_restarts, spec)
         if delay is None:
             self._move(State.ERRORED, f"{self.last_exit}; gave up after {spec.max_restarts} "
@@ -259,6 +313,9 @@ class Instance:
             return
         self._move(State.WAITING, f"{self.last_exit}; restarting in {delay:g}s")
         self._restart_timer = self._runtime.loop.call_later(delay, self._restart_after_wait)
+
+    def _port_was_taken(self) -> bool:
+        return any(marker in line for line in self.stderr_tail for marker in ADDRESS_IN_USE)
 
     def _restart_after_wait(self) -> None:
         self._restart_timer = None
@@ -281,6 +338,9 @@ class Instance:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         self._runtime.forget(self)
 
     def _cancel_restart_timer(self) -> None:
@@ -312,7 +372,10 @@ class Instance:
         if self.state is not State.STOPPING:
             self._move(State.STOPPING, reason)
             spec = self.spec
-            self.send_signal(signal.Signals[spec.stop_signal])
+            # PM2's shutdown_with_message: the message instead of the signal, when it can go.
+            if not (spec.shutdown_with_message and self.channel is not None
+                    and self.channel.send("shutdown")):
+                self.send_signal(signal.Signals[spec.stop_signal])
             try:
                 async with asyncio.timeout(spec.kill_timeout_s):
                     await asyncio.shield(exited)

@@ -18,7 +18,7 @@ from .errors import CommandError, SpawnError
 from .monitor import InstanceStats
 from .process import Instance
 from .protocol import Json, JsonObject
-from .states import ENDED, State
+from .states import ENDED, RUNNING, State
 
 AppFactory = Callable[[AppSpec, Mapping[str, str]], AppGroup]
 
@@ -92,7 +92,7 @@ class Registry:
         except OSError:
             group = -1
         for instance in self.instances():
-            if instance.pid is not None and instance.pid in (pid, group):
+            if instance.state in RUNNING and instance.pid in (pid, group):
                 return instance
         return None
 
@@ -120,7 +120,7 @@ class Registry:
                 app = self.apps[spec.name] = self._make_app(spec, base_env)
             async with app.operation("start"):
                 try:
-                    problems = app.start()
+                    problems = await app.start()
                 except SpawnError as exc:
                     if created:
                         del self.apps[spec.name]

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import AppSpec
 from .errors import SpawnError
@@ -59,11 +59,15 @@ _STALE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PMX_LISTEN_FD
 
 @dataclass(frozen=True, slots=True)
 class Inheritance:
-    """Listening sockets handed to an instance from fd 3 on, with their names."""
+    """What a cluster instance gets beyond its app's settings: the listening sockets
+    (from fd 3 on, with their names), the preload's variables (see dropin.py), and
+    whether it wants Node's IPC channel."""
 
     fds: Sequence[int]
     names: Sequence[str]
     port: int | None
+    env: Mapping[str, str] = field(default_factory=dict)
+    node_channel: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class Credentials:
 
 def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
                     inheritance: Inheritance | None, notify_socket: str | None,
-                    run_id: str) -> tuple[list[str], dict[str, str]]:
+                    run_id: str, channel_fd: int | None = None) -> tuple[list[str], dict[str, str]]:
     """The argv (with {fd}, {port} and {instance} replaced) and the full environment."""
     values = {"instance": str(who.index), "fd": "3", "port": ""}
     if inheritance is not None and inheritance.port is not None:
@@ -109,6 +113,10 @@ def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     for stale in _STALE_VARIABLES:
         env.pop(stale, None)
     if inheritance is not None:
+        env.update(inheritance.env)
+    if channel_fd is not None:
+        env.update({"NODE_CHANNEL_FD": str(channel_fd), "NODE_CHANNEL_SERIALIZATION_MODE": "json"})
+    if inheritance is not None and inheritance.fds:
         env["PMX_LISTEN_FD"] = "3"
         # An app told its fd by argument ({fd}) gets no socket-activation variables:
         # servers such as gunicorn adopt LISTEN_FDS by themselves, close the fd, and
@@ -124,21 +132,28 @@ def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
 
 
 def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
-          inheritance: Inheritance | None, notify_socket: str | None) -> Spawned:
-    """Start the process. Raises SpawnError with a one-line reason; leaks no fd."""
+          inheritance: Inheritance | None, notify_socket: str | None,
+          channel_fd: int | None = None) -> Spawned:
+    """Start the process. Raises SpawnError with a one-line reason; leaks no fd.
+
+    `channel_fd` (Node's IPC channel) lands after the sockets: at fd 3 + their number
+    when the shim moves fds, else at its own number."""
     run_id = f"{os.getpid()}.{next(_run_ids)}"
-    argv, env = command_and_env(spec, who, base_env, inheritance, notify_socket, run_id)
+    socket_fds = tuple(inheritance.fds) if inheritance is not None else ()
+    moved = socket_fds + ((channel_fd,) if channel_fd is not None and socket_fds else ())
+    child_channel_fd = channel_fd if not socket_fds or channel_fd is None else 3 + len(socket_fds)
+    argv, env = command_and_env(spec, who, base_env, inheritance, notify_socket, run_id,
+                                child_channel_fd)
     if not os.path.isdir(spec.cwd):
         raise SpawnError(f'cannot start app "{spec.name}": cwd {spec.cwd} is not a directory')
     argv[0] = _executable(spec.name, argv[0], env)
-    _check_fd_headroom(spec.name, 4 + (len(inheritance.fds) if inheritance else 0))
+    _check_fd_headroom(spec.name, 5 + len(socket_fds))
     credentials = _credentials(spec, env)
     shown = list(argv)
-    pass_fds: tuple[int, ...] = ()
-    if inheritance is not None:
-        pass_fds = tuple(inheritance.fds)
-        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(pass_fds)),
-                *map(str, pass_fds), *argv]
+    pass_fds = moved if moved else ((channel_fd,) if channel_fd is not None else ())
+    if moved:
+        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(moved)),
+                *map(str, moved), *argv]
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:

@@ -1,5 +1,6 @@
 """`pmx monit`: headless with Textual's run_test against a real pmxd, one end-to-end run in
-a real terminal (tmux), and the `--once` snapshot.
+a real terminal (tmux), and the `--once` snapshot. The model and the text it is shown as
+are tested without a daemon in tests/unit/test_monit_board.py and test_monit_format.py.
 
 Every wait polls with a deadline (pilot.pause in a loop, or wait_until), never a bare sleep.
 """
@@ -21,9 +22,8 @@ from tests.conftest import Pmx, app_path, free_port, wait_until
 
 pytest.importorskip("textual")
 
-from pmx.cli.monit import ConfirmScreen, MonitApp
-from pmx.cli.monit_board import Board
-from pmx.supervisor.protocol import JsonObject
+from pmx.cli.monit import MonitApp
+from pmx.cli.monit_widgets import ConfirmScreen
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input
 
@@ -307,41 +307,6 @@ def test_without_pmxd_a_banner_says_so_and_a_filter_with_brackets_is_text(pmx: P
         assert "[b][/x]" in str(app.query_one("#header").render())
 
     run_monit(pmx, scenario)
-
-
-def test_board_ignores_the_old_process_of_a_finished_replacement() -> None:
-    """The order pmxd publishes a reload in, recorded: launching (no pid yet), online with
-    the new pid, then stopping/stopped of the old pid under the same id."""
-    board = Board()
-    board.seed([{"name": "api", "id": 0, "instance": 0, "pid": 100, "status": "online",
-                 "reason": "started", "restarts": 0, "exec_mode": "cluster", "uptime": 5.0,
-                 "since": 1.0, "listen": ["127.0.0.1:1"]}], now=10.0, reset_history=True)
-    base: JsonObject = {"kind": "state", "app": "api", "id": 0, "instance": 0}
-    board.apply_event({**base, "pid": None, "state": "launching", "reason": "reloaded",
-                       "time": 11.0})
-    assert sorted(board.rows) == ["0", "0+"]
-    board.apply_stats({"instances": [{"id": 0, "pid": 100, "cpu": 1.0, "memory": 10},
-                                     {"id": 0, "pid": 200, "cpu": 2.0, "memory": 20}]})
-    assert board.rows["0+"].pid == 200 and board.rows["0"].memory == 10
-    board.apply_event({**base, "pid": 200, "state": "online", "reason": "ready", "time": 12.0})
-    board.apply_event({**base, "pid": 100, "state": "stopping", "reason": "replaced",
-                       "time": 12.1})
-    board.apply_event({**base, "pid": 100, "state": "stopped", "reason": "exit 0", "time": 12.2})
-    assert list(board.rows) == ["0"]
-    row = board.rows["0"]
-    assert (row.pid, row.status, row.restarts, row.exec_mode) == (200, "online", 1, "cluster")
-
-
-def test_board_keeps_an_event_newer_than_a_describe_reply() -> None:
-    board = Board()
-    board.apply_event({"kind": "state", "app": "w", "id": 3, "instance": 0, "pid": 7,
-                       "state": "stopping", "reason": "stop", "time": 50.0})
-    described: list[JsonObject] = [{"name": "w", "id": 3, "instance": 0, "pid": 7, "status": "online",
-                  "reason": "started", "restarts": 2, "exec_mode": "fork", "uptime": 9.0,
-                  "since": 40.0}]
-    board.merge_described("w", described, whole_app=True, asked_at=45.0, now=60.0)
-    row = board.rows["3"]
-    assert (row.status, row.restarts, row.exec_mode) == ("stopping", 2, "fork")
 
 
 def test_once_prints_one_snapshot_and_exits(pmxd: Pmx) -> None:
