@@ -21,9 +21,12 @@ board is seeded anew.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pmx.supervisor.errors import PmxError
 from pmx.supervisor.protocol import Command, JsonObject
@@ -37,6 +40,7 @@ try:
     from textual.app import App, ComposeResult
     from textual.binding import Binding
     from textual.containers import Vertical
+    from textual.css.query import NoMatches
     from textual.timer import Timer
     from textual.widgets import DataTable, Footer, Input, Static
 except ImportError as exc:  # pragma: no cover - a broken install
@@ -58,6 +62,21 @@ from .monit_widgets import (
 
 SELECT_DELAY_S = 0.15
 ACTION_TIMEOUT_S = 120.0
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def while_mounted(handler: F) -> F:
+    """For timers and messages that can still arrive while the app shuts down, after its
+    widgets are gone: there is nothing left to update then."""
+    @functools.wraps(handler)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            handler(*args, **kwargs)
+        except NoMatches:
+            pass
+
+    return run  # type: ignore[return-value]
 RELOAD_TIMEOUT_S = 600.0
 # The layout MonitApp.compose builds, by widget id.
 LAYOUT_CSS = """
@@ -154,12 +173,14 @@ class MonitApp(App[int]):
         if self._feed is not None:
             self._feed.stop()
 
+    @while_mounted
     def on_resize(self, event: events.Resize) -> None:
         self.query_one(DetailPanel).styles.height = 8 if event.size.height < 34 else 12
         self._sync_table(force=True)
 
     # ------------------------------------------------------------ feed messages
 
+    @while_mounted
     def on_seeded(self, message: Seeded) -> None:
         reconnect = not self.is_connected and bool(self.board.rows)
         self.board.seed(message.rows, time.time(), reset_history=reconnect)
@@ -170,6 +191,7 @@ class MonitApp(App[int]):
         self._show_header()
         self._selection_changed()
 
+    @while_mounted
     def on_disconnected(self, message: Disconnected) -> None:
         self.is_connected = False
         self.crash_report = self.crash_report or message.crash
@@ -179,6 +201,7 @@ class MonitApp(App[int]):
         self.query_one(ProcessTable).add_class("stale")
         self._show_header()
 
+    @while_mounted
     def on_feed_batch(self, message: FeedBatch) -> None:
         batch = message.batch
         try:
@@ -200,9 +223,11 @@ class MonitApp(App[int]):
             if self._feed is not None:
                 self._feed.consumed.set()
 
+    @while_mounted
     def on_call_done(self, message: CallDone) -> None:
         message.done(message.result)
 
+    @while_mounted
     def _tick(self) -> None:
         self._sync_table()
         self._show_header()
@@ -213,6 +238,7 @@ class MonitApp(App[int]):
         if self._describer is not None:
             self._describer.soon()
 
+    @while_mounted
     def _described(self) -> None:
         self._sync_table()
         self._show_details()
