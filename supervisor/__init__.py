@@ -13,6 +13,8 @@ The modules, one responsibility each (imports flow downwards in this list):
     spawn.py      creating a process: argv, env, credentials, inherited sockets
     sockets.py    cluster mode's listening sockets, bound by pmxd
     readiness.py  when an instance counts as ready: notify socket, probes
+    accepting.py  whether a process tree waits for connections on a socket (/proc)
+    dropin.py     drop-in cluster mode: the preloads' contract, learned ports, Node's IPC
     reaper.py     exits through pidfds; SIGCHLD for strays
     logs.py       pipe readers, log files with rotation, output routing
     dump.py       `pmx save` / `pmx resurrect` (the dump is an ecosystem file)

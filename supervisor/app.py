@@ -18,6 +18,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 
+from .accepting import is_accepting, socket_inode
 from .config import AppSpec
 from .dropin import FAMILIES, ListenReport, preload_env, runtime_of, take_socket, uses_preload
 from .errors import CommandError, SpawnError
@@ -31,6 +32,7 @@ from .states import ENDED, RUNNING, State
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+ACCEPT_POLL_S = 0.02  # how often a starting instance is checked for accepting
 LISTEN_SETTLE_S = 0.1  # quiet time after a listen report before the other instances start
 
 
@@ -239,23 +241,30 @@ class AppGroup:
             instance.mark_ready(f"ready: {check} answered")
         elif spec.wait_ready:
             await instance.wait_ready(spec.listen_timeout_s)
-        elif uses_preload(spec):
-            # Ready when the preload reports the app listening; an instance that never
-            # listens (a worker) is ready once it has stayed up for listen_timeout.
+        else:
+            # No setting: ready when the app listens (its preload says so) or is seen
+            # accepting on its sockets; a program pmx cannot see (a worker) is ready once it
+            # has stayed up for listen_timeout.
+            watcher = asyncio.ensure_future(self._watch_accepting(instance))
             try:
                 await instance.wait_ready(spec.listen_timeout_s)
             except NotReadyInTime:
                 instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
-        else:
-            # No signal from the app: ready once it has stayed up for listen_timeout.
-            try:
-                async with asyncio.timeout(spec.listen_timeout_s):
-                    await instance.wait_exit()
-            except TimeoutError:
-                instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
+            finally:
+                watcher.cancel()
+
+    async def _watch_accepting(self, instance: Instance) -> None:
+        """Mark `instance` ready once its process tree waits for connections on one of the
+        app's sockets (accepting.py)."""
+        if self.sockets is None or instance.pid is None:
+            return
+        sockets = self.sockets.ensure_slot(instance.index)
+        inodes = [socket_inode(item.sock.fileno()) for item in sockets]
+        while inodes and instance.state in (State.STARTING, State.LAUNCHING):
+            if is_accepting(instance.pid, inodes):
+                instance.mark_ready("accepting connections")
                 return
-            raise SpawnError(f"{instance.name} (pid {instance.pid}) exited before it was ready "
-                             f"({instance.last_exit}){instance.stderr_excerpt()}")
+            await asyncio.sleep(ACCEPT_POLL_S)
 
     # ------------------------------------------------------------ commands
 

@@ -181,3 +181,13 @@ kill_timeout = "300ms"
     pmx.run("reload", "all", timeout=60)
     after = pmx.wait_status("w", "online") + pmx.wait_status("r", "online")
     assert not set(before) & {row["pid"] for row in after}
+
+
+def test_a_replacement_is_ready_once_it_accepts_connections(pmx: Pmx) -> None:
+    # pid_server serves on fd 3 and says nothing: pmxd sees it polling on the socket, so a
+    # reload does not wait out listen_timeout (30s here) for each instance.
+    port = free_port()
+    start_cluster(pmx, "acc", port, instances=2, listen_timeout="30s")
+    pmx.run("reload", "acc", timeout=50)
+    rows = pmx.wait_status("acc", "online", count=2)
+    assert all(row["reason"] == "reloaded; accepting connections" for row in rows), rows
