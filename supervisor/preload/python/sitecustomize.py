@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
 _FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
-_FIRST_REQUEST_GRACE_S = 1.0  # in a drain, a new connection's first request is probably on its way
+# In a drain, a connection waiting for a request (its next one, or a new connection's first) is
+# closed once it has been idle this long since the drain began or since its last response,
+# whichever is later. Closing it sooner races its client: a keep-alive client sends its next
+# request as soon as it has read a response, and a request that meets the close gets a reset. A
+# busy connection never gets this far: its next response says `Connection: close` and its handler
+# closes it cleanly after that. Only a client silent this long can still race the close, as it
+# would race any server's keep-alive timeout. Short, as a drain waits this long for idle
+# connections; long against a client's think time between two requests and against scheduling
+# delays of a loaded machine (a thread waiting for the GIL is not an idle client).
+_IDLE_GRACE_S = 0.5
 
 _real: dict[str, Any] = {}  # the methods the hook wraps, by name
 
@@ -48,7 +57,7 @@ _entries: list[tuple[int, str, int, int]] = []  # (family, host, port, fd) from 
 _managed: weakref.WeakKeyDictionary[socket.socket, _Listener] = weakref.WeakKeyDictionary()
 _serving: dict[int, tuple[socketserver.BaseServer, threading.Thread]] = {}  # id -> in serve_forever
 _active: set[object] = set()  # requests a ThreadingMixIn thread is handling
-_waiting: dict[socket.socket, tuple[bool, float]] = {}  # connection -> (served one already?, since)
+_waiting: dict[socket.socket, float] = {}  # connection -> when its handler began to wait for a request
 _draining = False
 _handlers_installed = False
 
@@ -210,24 +219,26 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
         # We may be inside this very serve_forever: shutdown() would wait for it forever.
         server._BaseServer__shutdown_request = True  # type: ignore[attr-defined]
     main_serves = any(thread is threading.main_thread() for _, thread in servers)
-    _thread.start_new_thread(_watch_drain, (main_serves,))
+    _thread.start_new_thread(_watch_drain, (main_serves, time.monotonic()))
 
 
-def _watch_drain(main_serves: bool) -> None:
-    """Close idle keep-alive connections; end the process at 90% of the kill timeout at the latest."""
+def _watch_drain(main_serves: bool, started: float) -> None:
+    """Close connections idle for _IDLE_GRACE_S; end the process once everything is drained, or
+    at 90% of the kill timeout at the latest."""
     kill_timeout_ms = os.environ.get("PMX_KILL_TIMEOUT_MS", "")
-    deadline = time.monotonic() + 0.9 * (int(kill_timeout_ms) if kill_timeout_ms.isdigit() else 5000) / 1000
+    deadline = started + 0.9 * (int(kill_timeout_ms) if kill_timeout_ms.isdigit() else 5000) / 1000
     while time.monotonic() < deadline:
         now = time.monotonic()
-        for connection, (served, since) in list(_waiting.items()):
-            if served or now - since > _FIRST_REQUEST_GRACE_S:
-                _waiting.pop(connection, None)
-                try:
-                    # SHUT_RD wakes the handler blocked reading the next request with EOF, yet
-                    # still lets it read a request already received and write its answer.
-                    connection.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
+        for connection, since in list(_waiting.items()):
+            if now - max(since, started) < _IDLE_GRACE_S or _has_input(connection):
+                continue  # its client may still send a request, or has sent one: let it be answered
+            _waiting.pop(connection, None)
+            try:
+                # SHUT_RD wakes the handler blocked reading the next request with EOF, yet still
+                # lets it read a request already received and write its answer.
+                connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         if not main_serves and not _serving and not _active:
             break  # the servers ran in other threads: the main thread is not ours to end
         time.sleep(0.05)
@@ -237,6 +248,17 @@ def _watch_drain(main_serves: bool) -> None:
         except Exception:
             pass
     os._exit(0)
+
+
+def _has_input(connection: socket.socket) -> bool:
+    """Whether bytes (or the client's FIN) wait to be read: a request its handler has not read yet,
+    say while it waits for the GIL. poll(), as recv(MSG_PEEK) would block on a socket with a timeout."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile: its handler is done with it
+        return True
 
 
 def _serve_forever(self: socketserver.BaseServer, poll_interval: float = 0.5) -> None:
@@ -279,12 +301,11 @@ def _process_request_thread(self: socketserver.ThreadingMixIn, request: Any, cli
 
 def _handle_one_request(self: BaseHTTPRequestHandler) -> None:
     connection = self.connection
-    _waiting[connection] = (getattr(self, "_pmx_served", False), time.monotonic())
+    _waiting[connection] = time.monotonic()  # right after the previous response, or the accept
     try:
         _real["handle_one_request"](self)
     finally:
         _waiting.pop(connection, None)
-        self._pmx_served = True  # type: ignore[attr-defined]
 
 
 def _parse_request(self: BaseHTTPRequestHandler) -> bool:
@@ -294,8 +315,20 @@ def _parse_request(self: BaseHTTPRequestHandler) -> bool:
 
 def _end_headers(self: BaseHTTPRequestHandler) -> None:
     if _draining and not getattr(self, "close_connection", True):
+        # A "Connection: keep-alive" the app sent would come first, and clients read the first
+        # one: it would keep the connection the handler is about to close.
+        buffered = getattr(self, "_headers_buffer", None)
+        if isinstance(buffered, list):
+            buffered[:] = [line for line in buffered if not _says_keep_alive(line)]
         self.send_header("Connection", "close")  # also sets close_connection
     _real["end_headers"](self)
+
+
+def _says_keep_alive(line: object) -> bool:
+    if not isinstance(line, bytes):
+        return False
+    name, _, value = line.partition(b":")
+    return name.strip().lower() == b"connection" and value.strip().lower() == b"keep-alive"
 
 
 def _patch(cls: type, **wrappers: Any) -> None:
