@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,12 +29,15 @@ from tests.conftest import free_port, wait_until
 from tests.httpload import LoadClient, LoadResult, get_pid
 
 NODE = shutil.which("node")
+SS = shutil.which("ss")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not on PATH; the Node preload needs node")
 
 ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ROOT / "supervisor" / "preload" / "node" / "pmx_cluster.js"
 APPS = ROOT / "tests" / "apps"
 KILL_TIMEOUT_MS = 5000  # the preload gives up draining at 90% of it: 4.5 s
+IDLE_GRACE_S = 0.5  # the preload's IDLE_GRACE_MS: how long a drained connection may stay silent
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 def has_ipv6_loopback() -> bool:
@@ -271,6 +275,54 @@ def total(clients: list[LoadClient]) -> LoadResult:
     return result
 
 
+def read_response(conn: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """(head, body, bytes read past it) of one Content-Length response; EOF raises."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"EOF before a response; got {data!r}")
+        data += chunk
+    head, data = data.split(b"\r\n\r\n", 1)
+    lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"content-length:")]
+    assert lengths, f"no Content-Length in {head!r}"
+    length = int(lengths[0])
+    while len(data) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"EOF in a response body; got {head!r} {data!r}")
+        data += chunk
+    return head, data[:length], data[length:]
+
+
+def says_close(head: bytes) -> bool:
+    return b"\r\nconnection: close" in head.lower()
+
+
+def sigterm_and_wait_drain(child: NodeChild, listener: socket.socket) -> None:
+    """SIGTERM, then wait until the child closed its copy of the shared socket (the drain
+    began: it stopped accepting)."""
+    inode = fd_inode(child.pid, listener.fileno())
+    assert inode is not None
+    os.kill(child.pid, signal.SIGTERM)
+    wait_until(lambda: (fd_inode(child.pid, listener.fileno()) != inode, None), timeout=5,
+               what="node closing its copy of the listening socket")
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:port (ss shows it as Send-Q)."""
+    assert SS is not None
+    out = subprocess.run([SS, "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[2])  # State Recv-Q Send-Q Local Peer
+
+
+def somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as file:
+        return int(file.read())
+
+
 # --- inert unless asked ----------------------------------------------------------------
 
 
@@ -351,6 +403,22 @@ def test_second_server_on_another_port_binds_itself(spawn_node: Spawn, listener:
     assert fd_inode(child.pid, reports[other]["fd"]) in listening_inodes(other)
     assert get_pid(port) == child.pid
     assert get_pid(other) == child.pid
+
+
+@pytest.mark.skipif(SS is None, reason="ss (iproute2) is not installed")
+@pytest.mark.parametrize(("args", "expected"),
+                         [(["PORT", "127.0.0.1"], None), (["PORT", "127.0.0.1", 64], 64)],
+                         ids=["default", "app-backlog"])
+def test_inherited_socket_keeps_a_large_backlog(spawn_node: Spawn, listener: socket.socket,
+                                                args: list[Any], expected: int | None) -> None:
+    # Node listens again on the inherited socket, which sets the backlog of the socket
+    # every instance shares: Node's default 511 would apply to all of them.
+    port = port_of(listener)
+    assert listen_backlog(port) == 128  # the fixture's
+    child = spawn_node("node_listen_args.js", sockets=[("inet", "127.0.0.1", port, listener)],
+                       env={"LISTEN_ARGS": json.dumps([port if a == "PORT" else a for a in args])})
+    assert child.message()["adopted"] is True
+    assert listen_backlog(port) == (expected or min(4096, somaxconn()))
 
 
 # Each case: listen() arguments (PORT and FD are replaced) and which socket it must get:
@@ -452,11 +520,13 @@ def test_sigterm_drains_one_instance_under_load(spawn_node: Spawn, listener: soc
     assert result.failed == 0, result.errors
 
 
+@pytest.mark.parametrize("delay_ms", ["400", "1200"])  # 1200: longer than the idle grace
 def test_drain_finishes_in_flight_response_with_connection_close(spawn_node: Spawn,
-                                                                  listener: socket.socket) -> None:
+                                                                  listener: socket.socket,
+                                                                  delay_ms: str) -> None:
     port = port_of(listener)
     child = shared_instance(spawn_node, listener, app="node_slow.js",
-                           env={"DELAY_MS": "400", "LOG_REQUESTS": "1"})
+                           env={"DELAY_MS": delay_ms, "LOG_REQUESTS": "1"})
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -464,7 +534,7 @@ def test_drain_finishes_in_flight_response_with_connection_close(spawn_node: Spa
         answer = idle.getresponse()
         assert answer.read() == f"hello {child.pid}\n".encode() and not answer.will_close
         busy.request("GET", "/")
-        child.wait_output("request\nrequest\n")  # the app holds the second one for 400 ms
+        child.wait_output("request\nrequest\n")  # the app holds the second one for a while
         os.kill(child.pid, signal.SIGTERM)
         answer = busy.getresponse()
         assert answer.read() == f"hello {child.pid}\n".encode()
@@ -480,9 +550,9 @@ def test_drain_finishes_in_flight_response_with_connection_close(spawn_node: Spa
 
 def test_drain_serves_a_connection_accepted_just_before_the_signal(spawn_node: Spawn,
                                                                   listener: socket.socket) -> None:
-    # A connection accepted before the drain whose first request comes after it: Node's
-    # closeIdleConnections() spares it (active from accept), and the request that then
-    # arrives is served and told to close before the app's handler answers it.
+    # A connection accepted before the drain whose first request comes after it: the
+    # drain leaves it open for the idle grace, and the request that then arrives is
+    # served and told to close before the app's handler answers it.
     port = port_of(listener)
     child = shared_instance(spawn_node, listener)
     before = socket_fd_count(child.pid)
@@ -501,6 +571,134 @@ def test_drain_serves_a_connection_accepted_just_before_the_signal(spawn_node: S
     assert b"\r\nConnection: close\r\n" in reply
     assert reply.endswith(f"hello {child.pid}\n".encode())
     assert child.wait_exit(timeout=3) == 0
+
+
+def test_drain_answers_the_next_request_on_an_idle_kept_alive_connection(
+        spawn_node: Spawn, listener: socket.socket) -> None:
+    # The race a reload under keep-alive load loses: the connection is idle between a
+    # response and the client's next request when the drain begins. Closing idle
+    # connections at once resets that request; the drain must answer it, with
+    # `Connection: close`, and then close.
+    child = shared_instance(spawn_node, listener)
+    with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=5) as conn:
+        conn.sendall(REQUEST)
+        head, body, rest = read_response(conn)
+        assert body == f"hello {child.pid}\n".encode() and not says_close(head)
+        sigterm_and_wait_drain(child, listener)  # the drain began while the connection was idle
+        conn.sendall(REQUEST)
+        head, body, rest = read_response(conn, rest)
+        assert head.startswith(b"HTTP/1.1 200 ") and says_close(head), head
+        assert body == f"hello {child.pid}\n".encode() and rest == b""
+        assert conn.recv(1) == b""  # closed after the response, not reset
+    assert child.wait_exit(timeout=3) == 0
+
+
+def test_drain_closes_a_silent_kept_alive_connection_after_the_grace(
+        spawn_node: Spawn, listener: socket.socket) -> None:
+    child = shared_instance(spawn_node, listener)
+    with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=5) as conn:
+        conn.sendall(REQUEST)
+        read_response(conn)
+        signalled = time.monotonic()
+        sigterm_and_wait_drain(child, listener)
+        conn.settimeout(IDLE_GRACE_S / 2)
+        with pytest.raises(TimeoutError):
+            conn.recv(1)  # still open a while after the drain began
+        conn.settimeout(5)
+        assert conn.recv(1) == b""
+        closed = time.monotonic() - signalled
+    assert IDLE_GRACE_S * 0.9 < closed < IDLE_GRACE_S + 1.0
+    assert child.wait_exit(timeout=3) == 0
+
+
+def test_drain_serves_a_request_that_arrives_slowly(spawn_node: Spawn, listener: socket.socket) -> None:
+    # Bytes of a request whose headers are not complete yet keep the connection from
+    # counting as silent, though Node has no request (nor response) for it yet.
+    child = shared_instance(spawn_node, listener)
+    with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=5) as conn:
+        conn.sendall(REQUEST)
+        read_response(conn)
+        sigterm_and_wait_drain(child, listener)
+        for byte in REQUEST[:-1]:  # the whole request takes 3x the grace to arrive
+            conn.sendall(bytes([byte]))
+            # Nothing comes back (no close, no reset) while the request is incomplete.
+            assert select.select([conn], [], [], 3 * IDLE_GRACE_S / len(REQUEST))[0] == []
+        conn.sendall(REQUEST[-1:])
+        head, body, _ = read_response(conn)
+        assert says_close(head) and body == f"hello {child.pid}\n".encode()
+    assert child.wait_exit(timeout=3) == 0
+
+
+class BackToBackClient(threading.Thread):
+    """A keep-alive client that sends its next request the moment a response is read,
+    never retries, and reconnects only when a response says `Connection: close`."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stopping = threading.Event()
+        self.pid: int | None = None  # the instance serving its current connection
+        self.answers: dict[int, int] = {}
+        self.closes: dict[int, int] = {}  # responses that said `Connection: close`
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        conn: socket.socket | None = None
+        rest = b""
+        while not self.stopping.is_set():
+            try:
+                if conn is None:
+                    conn, rest = socket.create_connection(("127.0.0.1", self.port), timeout=5), b""
+                conn.sendall(REQUEST)
+                head, body, rest = read_response(conn, rest)
+                self.pid = int(body.split()[1])
+                self.answers[self.pid] = self.answers.get(self.pid, 0) + 1
+                if says_close(head):
+                    self.closes[self.pid] = self.closes.get(self.pid, 0) + 1
+                    conn.close()
+                    conn, self.pid = None, None
+            except (OSError, ValueError) as exc:  # ConnectionError, a timeout, a bad body
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                if conn is not None:
+                    conn.close()
+                conn, self.pid = None, None
+        if conn is not None:
+            conn.close()
+
+
+def test_drain_resets_no_back_to_back_keep_alive_request(spawn_node: Spawn,
+                                                        listener: socket.socket) -> None:
+    # Without retries: each reset is a failed request. The victim holds some of the
+    # connections, each between two requests for only the client's turnaround.
+    victim = shared_instance(spawn_node, listener)
+    survivor = shared_instance(spawn_node, listener)
+    clients: list[BackToBackClient] = []
+
+    def on_victim() -> int:
+        return sum(client.pid == victim.pid for client in clients)
+
+    try:
+        def both_loaded() -> tuple[bool, list[int | None]]:
+            pids = [client.pid for client in clients]
+            if len(clients) < 24 and (not clients or clients[-1].answers):
+                clients.append(BackToBackClient(port_of(listener)))
+                clients[-1].start()
+            return on_victim() >= 2 and survivor.pid in pids, pids
+
+        wait_until(both_loaded, timeout=10, what="kept-alive connections on both instances")
+        os.kill(victim.pid, signal.SIGTERM)
+        assert victim.wait_exit(timeout=4) == 0
+        served = sum(sum(client.answers.values()) for client in clients)
+        wait_until(lambda: (sum(sum(c.answers.values()) for c in clients) > served + 200, None),
+                   timeout=5, what="the survivor serving the load")
+    finally:
+        for client in clients:
+            client.stopping.set()
+        for client in clients:
+            client.join(10)
+    failures = [failure for client in clients for failure in client.failures]
+    assert failures == []
+    assert sum(client.closes.get(victim.pid, 0) for client in clients) >= 2  # told, not cut
 
 
 def test_drain_gives_up_at_90_percent_of_the_kill_timeout(spawn_node: Spawn,

@@ -13,7 +13,9 @@
 // - when such a server listens, it tells the daemon over Node's IPC channel: that is the
 //   instance's readiness, and the fd of a self-bound socket for pidfd_getfd;
 // - on SIGTERM/SIGINT, if the app has no handler of its own, it drains those servers and
-//   exits 0, so a stop or reload drops no request (PM2's cluster gives apps the same);
+//   exits 0, so a stop or reload drops no request (PM2's cluster gives apps the same):
+//   stop accepting, answer every request with `Connection: close`, and close a kept-alive
+//   connection only once its client has been silent for IDLE_GRACE_MS (see drain());
 // - PM2's 'shutdown' message becomes the SIGTERM the app may already handle.
 
 if (process.env.PMX_CLUSTER === '1') {
@@ -30,10 +32,28 @@ function install() {
 
   const killTimeoutMs = Number(process.env.PMX_KILL_TIMEOUT_MS);
   const drainDeadlineMs = Math.floor((killTimeoutMs > 0 ? killTimeoutMs : 5000) * 0.9); // before SIGKILL
+  // During the drain, a kept-alive connection with no request in flight is closed once it
+  // has been silent this long (since the drain began or since its last response). A
+  // client sends its next request microseconds after reading a response; closing a
+  // connection that is idle only in between resets that request (the client sees
+  // ECONNRESET, not a `Connection: close` it could act on). A client silent for 500 ms is
+  // not in such a sequence, and one that sends just as we close races exactly as it does
+  // with any server's keep-alive timeout (Node's 5 s, nginx's 75 s). Short, because an
+  // idle pooled connection holds the instance's exit (and so a rolling reload) that long.
+  const IDLE_GRACE_MS = 500;
+  // Node calls listen() again on an inherited socket, which on Linux just sets the backlog
+  // of that one socket the daemon and every instance share: Node's default (511) would
+  // shrink the daemon's (supervisor/sockets.py, 4096) for all of them, for as long as the
+  // port lives. The kernel caps it at net.core.somaxconn. An app that asks for a backlog
+  // gets it, as it would on its own socket.
+  const SHARED_BACKLOG = 4096;
   const entries = parseSockets(process.env.PMX_CLUSTER_SOCKETS || '');
   const live = new Set(); // considered servers listening now
+  const connections = new Set(); // their accepted sockets, until each closes
   const inflight = new Set(); // their responses not finished yet
   const kPlan = Symbol('pmx.plan'); // { adopted } of the server's latest considered listen
+  const kBusy = Symbol('pmx.busy'); // on a socket: its responses not finished yet
+  const kActive = Symbol('pmx.active'); // on a socket, in the drain: { at, bytesRead } when last seen active
   let draining = false;
   let signalsInstalled = false;
 
@@ -50,9 +70,10 @@ function install() {
     }
     const { entry } = plan;
     // An adopted socket is bound already: host, port and exclusive no longer apply. The
-    // first instance binds the port itself, and the daemon copies its socket.
+    // first instance binds the port itself, and the daemon copies its socket. For an fd,
+    // Node takes the backlog from the second argument only, not from the options.
     const result = entry
-      ? originalListen.call(this, { fd: entry.fd, backlog: plan.backlog || undefined, signal: plan.signal },
+      ? originalListen.call(this, { fd: entry.fd, signal: plan.signal }, plan.backlog || SHARED_BACKLOG,
         ...plan.cb)
       : originalListen.apply(this, args);
     // Node now owns the fd and closes it with the server; the number may then be reused for
@@ -64,6 +85,10 @@ function install() {
       // server, and a response must learn it is the last before the app's handler sends it.
       this.prependListener('listening', onListening);
       this.prependListener('request', onRequest);
+      // An https server's requests come on the TLS socket ('secureConnection'), not on
+      // the TCP one ('connection'): both are counted, the drain tells them apart.
+      this.prependListener('connection', onConnection);
+      this.prependListener('secureConnection', onConnection);
       this.on('close', onClose);
     }
     this[kPlan] = { adopted: Boolean(entry) };
@@ -136,18 +161,38 @@ function install() {
     }
   }
 
+  function onConnection(socket) {
+    try {
+      if (!this[kPlan]) return;
+      connections.add(socket);
+      socket.on('close', onConnectionClose);
+    } catch {}
+  }
+
+  function onConnectionClose() {
+    connections.delete(this);
+  }
+
   function onRequest(req, res) {
     try {
-      if (draining) return askClose(res); // a request on a kept-alive connection
+      if (draining) askClose(res); // a request on a kept-alive connection
       inflight.add(res);
+      const socket = req.socket;
+      if (socket) socket[kBusy] = (socket[kBusy] || 0) + 1;
       res.on('close', onResponseClose);
     } catch {} // a request must never fail because of us
   }
 
   function onResponseClose() {
     inflight.delete(this);
-    // It may have promised keep-alive before the drain: its connection is idle now.
-    if (draining) setImmediate(closeIdle);
+    try {
+      const socket = this.req && this.req.socket; // HTTP/2's may throw once its session is gone
+      if (!socket) return;
+      socket[kBusy] -= 1;
+      // It may have promised keep-alive before the drain: its client's next request may be
+      // on its way now, so the connection's silence counts from here.
+      if (draining) markActive(socket, performance.now());
+    } catch {}
   }
 
   function onClose() {
@@ -187,24 +232,82 @@ function install() {
     if (msg === 'shutdown' && process.listenerCount('message') === 1) process.kill(process.pid, 'SIGTERM');
   }
 
+  // The drain: stop accepting; every response from now on says `Connection: close`, so an
+  // active kept-alive connection ends cleanly after its next response (its client reads
+  // the close and reconnects, to another instance); a connection silent for
+  // IDLE_GRACE_MS is closed (sweep()). Each server emits 'close' once its listening handle
+  // and its last connection are gone; when all have, onClose() exits 0. The deadline
+  // exits anyway, before the daemon's SIGKILL.
   function drain() {
     if (draining) return;
     draining = true;
     setTimeout(() => process.exit(0), drainDeadlineMs).unref();
     for (const res of inflight) askClose(res);
-    // Stops accepting; the shared socket stays open in the daemon and the other instances.
-    // Since Node 19 close() also closes idle connections; on 18 closeIdle() does.
-    for (const server of live) server.close();
-    closeIdle();
+    const now = performance.now();
+    for (const socket of connections) markActive(socket, now);
+    for (const server of live) stopAccepting(server);
+    setTimeout(sweep, IDLE_GRACE_MS).unref();
   }
 
-  function closeIdle() {
-    for (const server of live) {
-      // Node >= 18.2. It spares a connection whose response is unfinished, and one whose
-      // first request is not read yet (Node counts it active from accept), so a fresh
-      // connection racing the signal is still served.
-      if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+  // Closes the server's listening handle (the shared socket stays open in the daemon and
+  // the other instances) and leaves its connections open. server.close() is the one call
+  // that does this for every kind of server on Node 18-22 and keeps each one's own
+  // bookkeeping (http's timeout checker, http2's sessions, an app's own override). But
+  // since Node 19, http(s).Server.close() first calls this.closeIdleConnections(), which
+  // destroys every connection that is between two requests, also one whose next request
+  // is already on the wire: that client gets a reset. So the method is shadowed on the
+  // instance for the call; Node 18's close() never calls it, and net/tls servers have none.
+  function stopAccepting(server) {
+    const own = Object.getOwnPropertyDescriptor(server, 'closeIdleConnections');
+    let shadowed = false;
+    try {
+      if (typeof server.closeIdleConnections === 'function') {
+        Object.defineProperty(server, 'closeIdleConnections',
+          { value: function closeIdleConnections() {}, configurable: true, writable: true });
+        shadowed = true;
+      }
+    } catch {} // a frozen property: close() as is beats not closing
+    try {
+      server.close();
+    } catch {} // an app's own close() that throws: the deadline still ends the drain
+    if (!shadowed) return;
+    try {
+      if (own) Object.defineProperty(server, 'closeIdleConnections', own);
+      else delete server.closeIdleConnections;
+    } catch {}
+  }
+
+  function markActive(socket, now) {
+    socket[kActive] = { at: now, bytesRead: socket.bytesRead };
+  }
+
+  // Closes each HTTP/1 connection that has had no response in progress and read no byte
+  // for IDLE_GRACE_MS, then runs again when the next one could be. bytesRead (counted even
+  // while Node's parser consumes the socket) shows a request that is arriving but not
+  // parsed yet. Only a socket Node's http serves has a `parser`: it is cleared on upgrade
+  // (WebSocket), and HTTP/2 sessions, plain TCP servers and the TCP socket under a TLS one
+  // never get one. Those are left to end by themselves or at the deadline.
+  function sweep() {
+    const now = performance.now();
+    let next = Infinity;
+    for (const socket of connections) {
+      try {
+        if (!socket.parser || socket.destroyed) continue;
+        const active = socket[kActive];
+        // _httpMessage: a response Node's http has not finished on it, also one answered
+        // without a 'request' event ('checkContinue'...); Node's closeIdleConnections()
+        // spares the same.
+        const busy = socket[kBusy] > 0 || Boolean(socket._httpMessage);
+        if (!active || busy || socket.bytesRead !== active.bytesRead) {
+          markActive(socket, now);
+        } else if (now - active.at >= IDLE_GRACE_MS) {
+          socket.destroy();
+          continue;
+        }
+        next = Math.min(next, socket[kActive].at + IDLE_GRACE_MS);
+      } catch {}
     }
+    if (next !== Infinity) setTimeout(sweep, Math.max(1, Math.ceil(next - now))).unref();
   }
 
   function askClose(res) {
@@ -212,7 +315,7 @@ function install() {
       if (!('shouldKeepAlive' in res)) return; // HTTP/1 only; HTTP/2 forbids the header
       res.shouldKeepAlive = false;
       if (!res.headersSent) res.setHeader('Connection', 'close');
-    } catch {} // headers already out: closeIdle() ends the connection after the response
+    } catch {} // headers already out: sweep() ends the connection once it is idle
   }
 
   function isSocket(fd) {
