@@ -2,11 +2,15 @@
 
 Every request times out and says what it waited for. The daemon is started (as PM2
 does) only by commands that need one running; `ping`, `list` and friends report that
-none runs instead of starting one.
+none runs instead of starting one. A daemon that died without cleaning up (SIGKILL, OOM)
+leaves its socket and pid file behind: before waiting for an answer, the client checks
+that the pid file names a live process holding the home's lock, and says at once that
+pmxd is not running otherwise.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -16,7 +20,14 @@ from pathlib import Path
 
 import zmq
 from pmx.supervisor.errors import CommandError, DaemonUnreachable, ProtocolError
-from pmx.supervisor.home import DAEMON_LOG, PID_FILE, PUB_SOCKET, RPC_SOCKET, default_home
+from pmx.supervisor.home import (
+    DAEMON_LOG,
+    LOCK_FILE,
+    PID_FILE,
+    PUB_SOCKET,
+    RPC_SOCKET,
+    default_home,
+)
 from pmx.supervisor.protocol import (
     Command,
     JsonObject,
@@ -35,6 +46,43 @@ START_TIMEOUT_S = 10.0
 def home_path() -> Path:
     """The home this client talks to ($PMX_HOME, or ~/.pmx), absolute."""
     return Path(os.path.abspath(default_home()))
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie holds no lock and answers nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc")  # gone meanwhile; or no /proc at all (macOS)
+    except OSError:
+        return True
+
+
+def lock_is_held(path: Path) -> bool:
+    """Some process holds the flock on `path` (pmxd holds pmxd.lock for its whole life).
+
+    Probed with a non-blocking shared lock, released at once. True whenever we cannot
+    tell, so that a doubt costs the usual timeout rather than a false "not running"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # no lock file: not a crash's leftover (pmxd never removes it); unknown
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True  # EWOULDBLOCK: held; anything else: we cannot tell
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 class Client:
@@ -70,11 +118,28 @@ class Client:
         a socket without a pid file is stale."""
         return self.rpc_path.exists() and self.pid_path.exists()
 
+    def is_dead(self) -> bool:
+        """The daemon files are left over: the pid file names a dead process, or a live one
+        (a recycled pid) while nobody holds the lock. Cheap: no request is sent."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError):
+            pid = None  # unreadable: the lock decides
+        if pid is not None and not pid_alive(pid):
+            return True
+        return not lock_is_held(self.home / LOCK_FILE)
+
+    def not_running(self) -> DaemonUnreachable:
+        return DaemonUnreachable(f"pmxd is not running (home {home_relative(self.home)}); "
+                                 "start it with pmx start or pmxd")
+
     def call(self, command: Command, args: JsonObject | None = None, *,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> JsonObject:
         """Send one request, wait for its reply; raise CommandError for error replies."""
-        if not self.has_daemon_files():
-            raise DaemonUnreachable(f"pmxd is not running (home {home_relative(self.home)})")
+        if not self.has_daemon_files() or self.is_dead():
+            raise self.not_running()
         self._check_access()
         request = Request(command, args or {})
         sock = self.context.socket(zmq.DEALER)
@@ -142,7 +207,7 @@ class Client:
 
     def subscribe(self, topics: list[str]) -> zmq.Socket[bytes]:
         if not self.pub_path.exists():
-            raise DaemonUnreachable(f"pmxd is not running (home {home_relative(self.home)})")
+            raise self.not_running()
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100000)

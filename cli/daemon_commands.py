@@ -12,12 +12,13 @@ import time
 
 import click
 from pmx.supervisor.errors import ExitCode, PmxError
-from pmx.supervisor.home import DAEMON_LOG
+from pmx.supervisor.home import DAEMON_LOG, DUMP_FILE
 from pmx.supervisor.protocol import Command
 
 from . import render
-from .client import Client
-from .outcome import fail, handles_errors, report, show_list
+from .client import Client, pid_alive
+from .outcome import fail, handles_errors, report_start, show_list
+from .usage import TABLE_OPTION
 
 
 @click.command()
@@ -35,32 +36,17 @@ def ping() -> None:
 def kill() -> None:
     """Stop every app, then the daemon."""
     client = Client()
-    if not client.has_daemon_files():
+    if not client.has_daemon_files() or client.is_dead():
         click.echo("[pmx] pmxd is not running")
         return
     result = client.call(Command.KILL, timeout_s=120)
     pid = result.get("pid")
     deadline = time.monotonic() + 10
-    while isinstance(pid, int) and _alive(pid) and time.monotonic() < deadline:
+    while isinstance(pid, int) and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if isinstance(pid, int) and _alive(pid):
+    if isinstance(pid, int) and pid_alive(pid):
         fail(f"pmxd (pid {pid}) stopped its apps but did not exit within 10s", ExitCode.FAILED)
     click.echo(f"[pmx] stopped every app and pmxd (pid {pid})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our pmxd's parent has not reaped it) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 @click.command()
@@ -87,7 +73,6 @@ def update() -> None:
     click.echo(f"[pmx] pmxd {before.get('version')} -> {after.get('version')} (pid "
                f"{after.get('pid')}); its {after.get('apps')} apps restarted; "
                f"{time.monotonic() - began:.2f}s in all")
-    show_list(client)
 
 
 @click.command()
@@ -100,14 +85,21 @@ def save(force: bool) -> None:
 
 
 @click.command()
+@TABLE_OPTION
 @handles_errors
-def resurrect() -> None:
-    """Start the apps of the last `pmx save`."""
+def resurrect(show_table: bool) -> None:
+    """Start the apps of the last `pmx save` that do not run (pmxd too, if need be)."""
     client = Client()
+    dump = client.home / DUMP_FILE
+    if not dump.exists():  # said before starting a daemon for nothing
+        fail(f"no dump at {dump}; run pmx save first", ExitCode.FAILED)
     client.ensure_daemon()
     result = client.call(Command.RESURRECT, {"base_env": dict(os.environ)}, timeout_s=60)
-    code = report(result, "started")
-    show_list(client)
+    if not any(result.get(key) for key in ("started", "already_running", "errors")):
+        click.echo(f"[pmx] {result.get('path')} holds no app; nothing to start")
+    code = report_start(result, [], command="resurrect")
+    if show_table:
+        show_list(client)
     sys.exit(code)
 
 

@@ -1,8 +1,10 @@
 """`pmx logs` and `pmx flush`: the apps' log files and the live log stream.
 
 `logs` reads the last lines from the files `describe` names, then follows the publish
-stream (`log.<app>:` topics); what it prints to a terminal is neutralised. Registered on
-the `pmx` group by main.py.
+stream (`log.<app>:` topics). Each line is labelled with what wrote it: "api:1 |" (or
+"api:1 !" for stderr on the stream), and "api |" for a merged file (`merge_logs`), which
+does not record the instance. What it prints to a terminal is neutralised, colours (SGR)
+excepted. Registered on the `pmx` group by main.py.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import sys
 from pathlib import Path
 
 import click
-from pmx.supervisor.protocol import LOG_PREFIX, Command, log_topic
+from pmx.supervisor.protocol import LOG_PREFIX, Command, JsonObject, log_topic
 
 from . import render
 from .client import Client
-from .outcome import handles_errors
+from .outcome import handles_errors, json_list
 
 
 @click.command()
@@ -42,22 +44,13 @@ def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool
     if not nostream:
         subscription = client.subscribe([log_topic(n) for n in names] if target != "all"
                                         else [LOG_PREFIX])
-    clean = render.neutralise if sys.stdout.isatty() else (lambda text: text)
-    seen: set[str] = set()
-    for app in apps:
-        for inst in app.get("instances") or []:  # type: ignore[union-attr]
-            if not isinstance(inst, dict):
-                continue
-            for stream in streams:
-                path = str(inst.get("out_log" if stream == "out" else "error_log"))
-                if path in seen:
-                    continue
-                seen.add(path)
-                tail = _tail(Path(path), lines)
-                if tail:
-                    click.echo(click.style(f"==> {path} (last {lines} lines) <==", dim=True))
-                for line in tail:
-                    click.echo(f"{app.get('name')}:{inst.get('instance')} | {clean(line)}")
+    clean = render.neutralise_keeping_colour if sys.stdout.isatty() else (lambda text: text)
+    for path, label in _log_files(apps, streams):
+        tail = _tail(Path(path), lines)
+        if tail:
+            click.echo(click.style(f"==> {path} (last {lines} lines) <==", dim=True))
+        for line in tail:
+            click.echo(f"{label} | {clean(line)}", color=True)  # piped: as logged
     if subscription is None:
         return
     click.echo(click.style("following live; Ctrl-C to stop", dim=True), err=True)
@@ -68,8 +61,25 @@ def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool
         prefix = f"{body.get('app')}:{body.get('instance')}"
         marker = " !" if body.get("stream") == "error" else " |"
         received = body.get("lines")
-        for text in received if isinstance(received, list) else []:
-            click.echo(f"{prefix}{marker} {clean(str(text))}")
+        for text in json_list(received):
+            click.echo(f"{prefix}{marker} {clean(str(text))}", color=True)
+
+
+def _log_files(apps: list[JsonObject], streams: list[str]) -> list[tuple[str, str]]:
+    """(path, label) of each log file once: "app:N" for an instance's own file, "app" for
+    a file several instances share (merge_logs), since its lines do not say whose."""
+    owners: dict[str, set[str]] = {}
+    for app in apps:
+        name = str(app.get("name"))
+        spec = app.get("spec")
+        merged = isinstance(spec, dict) and spec.get("merge_logs") is True
+        for inst in [i for i in json_list(app.get("instances")) if isinstance(i, dict)]:
+            for stream in streams:
+                path = str(inst.get("out_log" if stream == "out" else "error_log"))
+                label = name if merged else f"{name}:{inst.get('instance')}"
+                owners.setdefault(path, set()).add(label)
+    return [(path, labels.pop() if len(labels) == 1 else min(labels).split(":", 1)[0])
+            for path, labels in owners.items()]
 
 
 def _tail(path: Path, count: int) -> list[str]:

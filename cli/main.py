@@ -2,14 +2,19 @@
 
 This module holds the `cli` group, the commands that start, stop, change and show apps,
 `monit`, and `main`, the entry point; the log commands are in log_commands.py, the
-commands about pmxd itself in daemon_commands.py, and how a command ends (one-line
-errors, exit codes) in outcome.py. rich and psutil are imported only by the commands that
-draw tables.
+commands about pmxd itself in daemon_commands.py, how a command ends (one-line errors,
+exit codes) in outcome.py, and how the command line is read (options after the script,
+`--`, click's usage errors in one line) in usage.py. rich and psutil are imported only by
+the commands that draw tables.
+
+A command prints what it did ("[pmx] stopped: web:0"); `start` and `list` also show the
+instance table, and the other commands that change apps show it with --table.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,22 +24,40 @@ from pmx.supervisor import __version__
 from pmx.supervisor.errors import ConfigError, ExitCode, PmxError
 from pmx.supervisor.protocol import EVENT_PREFIX, Command, Json, JsonObject
 
-from . import daemon_commands, log_commands, render
+from . import daemon_commands, log_commands, render, usage
 from .client import Client
-from .outcome import fail, handles_errors, report, show_list
+from .outcome import (
+    fail,
+    handles_errors,
+    list_rows,
+    report,
+    report_start,
+    show_list,
+    target_args,
+)
 
 if TYPE_CHECKING:  # config (and tomllib) load only for the commands that read files
     from pmx.supervisor.config import AppSpec
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=usage.PmxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pmx")
 def cli() -> None:
     """pmx: run and supervise apps in any language; cluster mode, zero-downtime reload."""
 
 
+# What a script or a config file is called, so that a missing one is "no such file" and
+# not an unknown app name: PM2's script kinds, and its ecosystem files (.config.js, .json).
+FILE_SUFFIXES = (".toml", ".py", ".js", ".mjs", ".cjs", ".ts", ".sh", ".bash", ".rb", ".php",
+                 ".pl", ".jar", ".json", ".yaml", ".yml")
+
+
 def _looks_like_ecosystem(target: str) -> bool:
     return target.endswith(".toml")
+
+
+def _looks_like_file(target: str) -> bool:
+    return "/" in target or target.endswith(FILE_SUFFIXES)
 
 
 def _specs_for_script(script: str, name: str | None, instances: str | None,
@@ -73,9 +96,8 @@ def _specs_for_script(script: str, name: str | None, instances: str | None,
     return [spec]
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(cls=usage.AppArgsCommand)
 @click.argument("target")
-@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--name", help="app name (default: the script's name)")
 @click.option("-i", "--instances", help='number of instances, or "max"')
 @click.option("--interpreter", help='program that runs the script ("none": run it directly)')
@@ -89,11 +111,14 @@ def _specs_for_script(script: str, name: str | None, instances: str | None,
 @click.option("--only", multiple=True, help="with an ecosystem file: start only this app")
 @click.option("--env", "env_name", help="with an ecosystem file: use its env_NAME table")
 @handles_errors
-def start(target: str, script_args: tuple[str, ...], name: str | None, instances: str | None,
-          interpreter: str | None, listen: tuple[str, ...], max_memory: str | None,
-          wait_ready: bool, listen_timeout: str | None, no_preload: bool, only: tuple[str, ...],
+def start(target: str, name: str | None, instances: str | None, interpreter: str | None,
+          listen: tuple[str, ...], max_memory: str | None, wait_ready: bool,
+          listen_timeout: str | None, no_preload: bool, only: tuple[str, ...],
           env_name: str | None) -> None:
     """Start an ecosystem file, a script, or a stopped app by name or id.
+
+    pmx's options may stand before or after the script; only what follows -- goes to
+    the app. Starting what already runs changes nothing and says so (exit 0).
 
     \b
       pmx start ecosystem.toml [--only api] [--env production]
@@ -103,24 +128,33 @@ def start(target: str, script_args: tuple[str, ...], name: str | None, instances
     """
     from pmx.supervisor.config import parse_ecosystem
 
+    script_args = usage.app_args()
+    is_file = _looks_like_ecosystem(target)
+    is_script = not is_file and os.path.exists(target)
+    if not is_file and not is_script and _looks_like_file(target):
+        raise ConfigError(f"{target}: no such file")  # before starting any daemon
+    if script_args and not is_script:
+        usage.refuse(f"arguments after -- go to a script's app; {target} is not a script")
+    if (only or env_name) and not is_file:
+        usage.refuse("--only and --env need an ecosystem file (pmx start ecosystem.toml "
+                     "--env NAME)")
     client = Client()
-    if _looks_like_ecosystem(target):
-        specs = parse_ecosystem(target, env_name=env_name, only=only)
-    elif os.path.exists(target) or "/" in target:
-        specs = _specs_for_script(target, name, instances, interpreter, script_args, listen,
-                                  max_memory, preload=not no_preload, wait_ready=wait_ready,
-                                  listen_timeout=listen_timeout)
+    if is_file or is_script:
+        specs = parse_ecosystem(target, env_name=env_name, only=only) if is_file else \
+            _specs_for_script(target, name, instances, interpreter, script_args, listen,
+                              max_memory, preload=not no_preload, wait_ready=wait_ready,
+                              listen_timeout=listen_timeout)
+        client.ensure_daemon()
+        tables: list[Json] = [_jsonable(spec.to_table()) for spec in specs]
+        result = client.call(Command.START, {"apps": tables, "base_env": dict(os.environ)},
+                             timeout_s=60)
     else:
         # Not a file: an app name or id that the daemon knows (pmx start web).
         client.ensure_daemon()
-        sys.exit(report(client.call(Command.START, {"target": target}, timeout_s=30),
-                         "started"))
-    client.ensure_daemon()
-    tables: list[Json] = [_jsonable(spec.to_table()) for spec in specs]
-    result = client.call(Command.START, {"apps": tables, "base_env": dict(os.environ)},
-                         timeout_s=60)
-    code = report(result, "started")
-    show_list(client)
+        result = client.call(Command.START, {"target": target}, timeout_s=30)
+    rows = list_rows(client)
+    code = report_start(result, rows)
+    show_list(client, rows)
     sys.exit(code)
 
 
@@ -130,50 +164,62 @@ def _jsonable(table: dict[str, object]) -> JsonObject:
 
 def _target_command(command: Command, verb: str, help_text: str) -> None:
     @cli.command(name=command.value, help=help_text)
-    @click.argument("target")
+    @click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
+    @usage.TABLE_OPTION
     @handles_errors
-    def run(target: str) -> None:
+    def run(targets: tuple[str, ...], show_table: bool) -> None:
         client = Client()
-        result = client.call(command, {"target": target}, timeout_s=120)
+        result = client.call(command, target_args(targets), timeout_s=120)
         code = report(result, verb)
-        if command is not Command.DELETE:
+        if show_table:
             show_list(client)
         sys.exit(code)
 
 
-_target_command(Command.STOP, "stopped", "Stop an app, an instance id, or all.")
+_target_command(Command.STOP, "stopped", "Stop apps, instance ids, or all.")
 _target_command(Command.RESTART, "restarted",
-                "Stop then start an app, an instance id, or all (see reload for no downtime).")
-_target_command(Command.DELETE, "deleted", "Stop and forget an app, an instance id, or all.")
+                "Stop then start apps, instance ids, or all (see reload for no downtime).")
+_target_command(Command.DELETE, "deleted", "Stop and forget apps, instance ids, or all.")
 
 
 @cli.command()
-@click.argument("target")
+@click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
 @click.option("--update-env", is_flag=True, help="also take the environment of this shell")
 @click.option("--env", "env_name", help="with an ecosystem file: use its env_NAME table")
+@usage.TABLE_OPTION
 @handles_errors
-def reload(target: str, update_env: bool, env_name: str | None) -> None:
-    """Replace instances one at a time with no downtime (an app, an id, all, or a file)."""
+def reload(targets: tuple[str, ...], update_env: bool, env_name: str | None,
+           show_table: bool) -> None:
+    """Replace instances one at a time with no downtime (apps, ids, all, or a file)."""
     client = Client()
     args: JsonObject
-    if _looks_like_ecosystem(target):
+    files = [target for target in targets if _looks_like_ecosystem(target)]
+    if files and len(targets) > 1:
+        usage.refuse(f"reload one ecosystem file at a time, without other targets: {files[0]}")
+    if env_name and not files:
+        usage.refuse("--env needs an ecosystem file (pmx reload ecosystem.toml --env NAME)")
+    if files:
         from pmx.supervisor.config import parse_ecosystem
 
-        specs = parse_ecosystem(target, env_name=env_name)
+        specs = parse_ecosystem(files[0], env_name=env_name)
         args = {"apps": [_jsonable(spec.to_table()) for spec in specs],
                 "base_env": dict(os.environ), "update_env": update_env}
         client.ensure_daemon()
-    elif update_env:
-        args = {"target": target, "base_env": dict(os.environ), "update_env": True}
     else:
-        args = {"target": target}
+        args = target_args(targets)
+        if update_env:
+            args.update({"base_env": dict(os.environ), "update_env": True})
     events = client.subscribe([EVENT_PREFIX])
     try:
         result = _call_showing_progress(client, Command.RELOAD, args, events)
     finally:
         events.close(linger=0)
     code = report(result, "reloaded")
-    show_list(client)
+    started = result.get("started")
+    if isinstance(started, list) and started:
+        click.echo(f"[pmx] started: {', '.join(map(str, started))}")
+    if show_table:
+        show_list(client)
     sys.exit(code)
 
 
@@ -208,17 +254,22 @@ def _call_showing_progress(client: Client, command: Command, args: JsonObject,
     return result if isinstance(result, dict) else {}
 
 
-@cli.command()
+# ignore_unknown_options: "-1" is a count, not an option.
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("count")
+@usage.TABLE_OPTION
 @handles_errors
-def scale(name: str, count: str) -> None:
+def scale(name: str, count: str, show_table: bool) -> None:
     """Set the number of instances: 6, +2 or -1."""
+    if not re.fullmatch(r"[+-]?[0-9]+", count):
+        usage.refuse(f'count must be a number like 6, +2 or -1, got "{count}"')
     client = Client()
     result = client.call(Command.SCALE, {"target": name, "count": count}, timeout_s=120)
     click.echo(f"[pmx] {name} scaled to {result.get('instances')} instances")
     code = report(result, "scaled")
-    show_list(client)
+    if show_table:
+        show_list(client)
     sys.exit(code)
 
 
@@ -282,10 +333,21 @@ for command in (*log_commands.COMMANDS, *daemon_commands.COMMANDS):
 
 
 def main() -> None:
+    """Run `pmx`; every error is one line (click's usage errors included) with its code."""
     try:
-        cli(prog_name="pmx")
+        code = cli.main(prog_name="pmx", standalone_mode=False)
+    except click.UsageError as exc:
+        if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
+            click.echo(exc.ctx.get_help())  # `pmx` alone (click >= 8.2): help, not an error
+            sys.exit(0)
+        fail(usage.one_line(exc), ExitCode.USAGE)
+    except click.ClickException as exc:
+        fail(exc.format_message(), ExitCode.FAILED)
+    except click.Abort:
+        sys.exit(130)
     except ConfigError as exc:  # pragma: no cover - handled in commands
         fail(str(exc), ExitCode.USAGE)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ STATUS_STYLE: dict[str, str] = {
 }
 # C0/C1 control characters except tab, and ESC: shown as \xNN on a terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# SGR (colour and text attributes: ESC [ params m), the one sequence logs may keep.
+_SGR = re.compile(r"\x1b\[[0-9;:]{0,32}m")
+_RESET = "\x1b[0m"
 
 
 def print_json(value: Json) -> None:
@@ -66,6 +69,22 @@ def neutralise(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def neutralise_keeping_colour(text: str) -> str:
+    """Like neutralise, but colour sequences (SGR) stay active, so an app's coloured logs
+    look as they would in its own terminal; cursor moves, screen clears, OSC (titles,
+    links) and the rest stay visible and inert. A line that set a colour ends with a
+    reset, so that it never bleeds into the next line's prefix."""
+    pieces: list[str] = []
+    position = 0
+    for match in _SGR.finditer(text):
+        pieces += (neutralise(text[position:match.start()]), match.group())
+        position = match.end()
+    if not pieces:
+        return neutralise(text)
+    pieces += (neutralise(text[position:]), _RESET)
+    return "".join(pieces)
+
+
 def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = None) -> None:
     from rich import box
     from rich.console import Console
@@ -80,14 +99,17 @@ def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = No
                             ("listen", "left")):
         table.add_column(column, justify=justify, no_wrap=column != "listen",  # type: ignore[arg-type]
                          overflow="fold", min_width=8 if column == "status" else None)
+    rows, notes = _fold_replacements(rows)
     for row in rows:
         status = str(row.get("status", ""))
         listen = row.get("listen") or []
+        if (row.get("name"), row.get("instance")) in notes:
+            status = "replacing"  # this instance serves until its replacement is ready
         table.add_row(
             str(row.get("id")), f"{row.get('name')}:{row.get('instance')}",
             str(row.get("exec_mode")), str(row.get("pid") or "-"),
             human_duration(row.get("uptime")), str(row.get("restarts")),
-            f"[{STATUS_STYLE.get(status, '')}]{status}[/]", f"{row.get('cpu', 0)}%",
+            f"[{STATUS_STYLE.get(status, 'cyan')}]{status}[/]", f"{row.get('cpu', 0)}%",
             human_size(row.get("memory")) if row.get("memory") else "-",
             ", ".join(str(a) for a in listen) if isinstance(listen, list) else "",
         )
@@ -97,41 +119,108 @@ def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = No
         console.print("[dim]no apps; start one with[/] pmx start ecosystem.toml")
         return
     console.print(table)
+    for note in notes.values():
+        console.print(note, style="cyan", highlight=False)
     problems = [r for r in rows if r.get("status") == State.ERRORED]
     for row in problems:
         console.print(f"[red]{row.get('name')}:{row.get('instance')} errored:[/] "
                       f"{neutralise(str(row.get('reason')))}", highlight=False)
 
 
+def _fold_replacements(rows: Sequence[Mapping[str, Json]]
+                       ) -> tuple[list[Mapping[str, Json]], dict[tuple[Json, Json], str]]:
+    """One row per slot: during a reload, the row of the instance being replaced (it
+    serves until its replacement is ready) is marked, and the replacement (same id and
+    slot, marked "replacement") becomes a note under the table, by slot. A replacement
+    with no old row is shown as it is."""
+    serving = {(row.get("name"), row.get("instance")): row.get("pid") for row in rows
+               if not row.get("replacement")}
+    shown: list[Mapping[str, Json]] = []
+    notes: dict[tuple[Json, Json], str] = {}
+    for row in rows:
+        slot = (row.get("name"), row.get("instance"))
+        if row.get("replacement") and slot in serving:
+            notes[slot] = (f"{slot[0]}:{slot[1]} replacing: pid {serving[slot] or '-'} -> pid "
+                           f"{row.get('pid') or '-'} ({row.get('status')})")
+        else:
+            shown.append(row)
+    return shown, notes
+
+
+def setting(value: object, field: str) -> str:
+    """An option's value as a person writes it: durations and sizes in units ("5s",
+    "200M"), lists as words, tables as NAME=value; "-" for unset or empty. `field` is the
+    AppSpec field, whose suffix gives the unit (_s: the wire carries milliseconds)."""
+    from pmx.supervisor.options import format_size
+
+    if value is None or value == [] or value == {} or value == ():
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) and field.endswith("_s"):
+        return _duration_ms(value)
+    if isinstance(value, int) and field.endswith("_bytes"):
+        return format_size(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _duration_ms(milliseconds: float) -> str:
+    if milliseconds < 1000:
+        return f"{milliseconds:g}ms" if milliseconds else "0"
+    seconds = milliseconds / 1000
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{seconds / factor:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def settings(spec: Mapping[str, Json]) -> list[tuple[str, str, str]]:
+    """Every option, in the option table's order: (name, value, default), as shown."""
+    from pmx.supervisor.options import OPTIONS
+
+    rows = []
+    for option in OPTIONS:
+        default = option.default
+        if isinstance(default, float) and option.field.endswith("_s"):
+            default = default * 1000  # the option table holds seconds; the wire milliseconds
+        value = spec.get(option.name)
+        rows.append((option.name, setting(value, option.field), setting(default, option.field)))
+    return rows
+
+
 def describe(apps: Sequence[JsonObject]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
     for app in apps:
         spec = app.get("spec")
         instances = app.get("instances")
         if not isinstance(spec, dict) or not isinstance(instances, list):
             continue
-        table = Table(title=f"{app.get('name')}", show_header=False, title_justify="left",
-                      title_style="bold")
-        table.add_column("key", style="bold")
+        table = Table(title=f"{app.get('name')}", title_justify="left", title_style="bold",
+                      header_style="dim", box=None, pad_edge=False)
+        table.add_column("option", style="bold")
         table.add_column("value", overflow="fold")
+        table.add_column("default", style="dim", overflow="fold")
         if app.get("mode"):
-            table.add_row("mode", neutralise(str(app.get("mode"))))
+            table.add_row("mode", neutralise(str(app.get("mode"))), "")
+        unserved = app.get("unserved")
+        if isinstance(unserved, list) and unserved:
+            table.add_row("not accepting", neutralise(", ".join(map(str, unserved))
+                                                     + ": no instance accepts connections here"), "")
         listen = app.get("listen")
         if listen:
             table.add_row("listening on", ", ".join(map(str, listen)) if isinstance(
-                listen, list) else str(listen))
-        for key, value in spec.items():
-            if isinstance(value, dict):
-                shown = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-            elif isinstance(value, list):
-                shown = " ".join(map(str, value)) or "-"
-            else:
-                shown = str(value)
-            table.add_row(key, neutralise(shown))
-        console.print(table)
+                listen, list) else str(listen), "")
+        for key, value, default in settings(spec):
+            table.add_row(key, escape(neutralise(value)), escape(neutralise(default)))
+        console.print(table, highlight=False)
         for inst in instances:
             if not isinstance(inst, dict):
                 continue

@@ -99,6 +99,11 @@ def detect_init() -> str:
                        "entry point (see packaging/Dockerfile)")
 
 
+def platform_init() -> str:
+    """The init system this platform's services use, without looking at what runs."""
+    return "launchd" if sys.platform == "darwin" else "systemd"
+
+
 def find_pmxd() -> Path:
     """The installed pmxd: beside this Python (a venv's bin), else the first one on PATH."""
     beside = Path(sys.executable).parent / "pmxd"
@@ -356,7 +361,12 @@ def uninstall(service: Service, unit_dir: Path | None = None) -> int:
 
 def startup(init: str | None, *, print_only: bool, user: str | None, pmx_home: str | None,
             unit_dir: str | None) -> int:
-    service = describe_service(init or detect_init(), user=user, pmx_home=pmx_home)
+    """Install the service, or with print_only show it. Printing detects nothing: it shows
+    the unit of the init system named, else this platform's (launchd on macOS, else
+    systemd), so it works where systemd does not run (a container, a build machine)."""
+    if init is None:
+        init = platform_init() if print_only else detect_init()
+    service = describe_service(init, user=user, pmx_home=pmx_home)
     if print_only:
         sys.stdout.write(unit_text(service))
         return int(ExitCode.OK)

@@ -7,42 +7,47 @@ Reload replaces instances one at a time: start the replacement on the same socke
 (state launching), wait until it is ready, then stop the old one gracefully. If a
 replacement exits or is not ready within listen_timeout, the reload stops there, the
 replacement is stopped and every old instance that has not been replaced keeps serving.
+
+A cluster app's sockets stay open across restarts, crash back-off and reloads, and close
+once nothing of it runs between operations (stopped, errored, deleted): clients are refused
+instead of hanging. Start binds them again. `pmx delete ID` leaves the others' slots (`_slots`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 
-from .accepting import is_accepting, socket_inode
 from .config import AppSpec
-from .dropin import FAMILIES, ListenReport, preload_env, runtime_of, take_socket, uses_preload
+from .dropin import ListenReport, preload_env, runtime_of, uses_preload
 from .errors import CommandError, SpawnError
 from .logs import LogFile, LogFiles, instance_log_path
 from .process import Instance, NotReadyInTime, Runtime
 from .readiness import wait_probe
-from .sockets import BACKLOG, AppSockets, ListenSocket
+from .sockets import AppSockets, find_unserved
 from .spawn import Inheritance
 from .states import ENDED, RUNNING, State
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-ACCEPT_POLL_S = 0.02  # how often a starting instance is checked for accepting
 LISTEN_SETTLE_S = 0.1  # quiet time after a listen report before the other instances start
 
 
-@contextlib.contextmanager
-def _pidfd(pid: int) -> Iterator[int]:
-    fd = os.pidfd_open(pid)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+def describe_mode(spec: AppSpec) -> str:
+    """How the app runs, in words, for `describe`."""
+    if not spec.is_cluster:
+        return "fork: each instance on its own"
+    how = "one SO_REUSEPORT socket per instance" if spec.reuse_port else "shared sockets"
+    if uses_preload(spec):
+        declared = "declared in listen" if spec.listen else "learned from the app"
+        return (f"cluster: {how} owned by pmxd ({declared}); {runtime_of(spec)} preload "
+                "routes the app's own listen() to them")
+    return f"cluster: {how} owned by pmxd, passed as fd 3 on (LISTEN_FDS)"
 
 
 class AppGroup:
@@ -66,8 +71,10 @@ class AppGroup:
         self.replacing: dict[int, Instance] = {}  # a reload's replacement, by slot
         self.sockets: AppSockets | None = None
         self.busy: str | None = None
+        self.unserved: list[str] = []  # listen addresses no instance accepts on
+        self._served_check: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._heard_listening = asyncio.Event()  # a preload reported a listen (dropin.py)
+        self._readiness = Readiness(self)
 
     @property
     def name(self) -> str:
@@ -89,11 +96,22 @@ class AppGroup:
             yield
         finally:
             self.busy = None
+            self._release_idle_sockets()
 
     # ------------------------------------------------------------ instances
 
-    def _inheritance(self, index: int) -> Inheritance | None:
+    def _slots(self) -> list[int]:
+        """The slot indices the app runs in: its instances' (the lowest, as many as
+        spec.instances), then the lowest free ones."""
+        slots = sorted(self.instances)[: self.spec.instances]
+        free = (index for index in itertools.count() if index not in self.instances)
+        slots.extend(itertools.islice(free, self.spec.instances - len(slots)))
+        return sorted(slots)
+
+    def inheritance(self, index: int) -> Inheritance | None:
         node = runtime_of(self.spec) == "node"  # Node apps get the IPC channel Node expects
+        if self.sockets is None and self.spec.is_cluster:
+            self._bind()  # `pmx start ID` of an app whose sockets were closed
         if self.sockets is None:
             return Inheritance((), (), None, node_channel=True) if node else None
         sockets = self.sockets.ensure_slot(index)
@@ -108,82 +126,60 @@ class AppGroup:
             app=self.name, index=index,
             instance_id=self._next_id() if instance_id is None else instance_id,
             spec=lambda: self.spec, runtime=self._runtime, base_env=lambda: self.base_env,
-            inheritance=self._inheritance, on_change=self._on_instance_change,
-            on_listening=self._on_listening,
+            inheritance=self.inheritance, on_change=self._on_instance_change,
+            on_listening=self._readiness.on_listening,
         )
 
     @property
     def mode(self) -> str:
-        """How the app runs, in words, for `describe`."""
-        spec = self.spec
-        if not spec.is_cluster:
-            return "fork: each instance on its own"
-        how = "one SO_REUSEPORT socket per instance" if spec.reuse_port else "shared sockets"
-        if uses_preload(spec):
-            declared = "declared in listen" if spec.listen else "learned from the app"
-            return (f"cluster: {how} owned by pmxd ({declared}); {runtime_of(spec)} preload "
-                    "routes the app's own listen() to them")
-        return f"cluster: {how} owned by pmxd, passed as fd 3 on (LISTEN_FDS)"
+        return describe_mode(self.spec)
 
-    # ------------------------------------------------------------ drop-in cluster mode
+    # ------------------------------------------------------------ listening sockets
 
-    def _on_listening(self, instance: Instance, report: ListenReport) -> None:
-        """A preload says `instance` listens. A port the app bound itself becomes the
-        app's: pmxd takes a copy of that socket and every other instance shares it."""
-        log.info("%s (pid %s) listens on %s%s", instance.name, instance.pid, report.address,
-                 " (the shared socket)" if report.adopted else "")
-        # Only a port learned from the app: with `listen` declared, the cluster's
-        # addresses are those, and the app's other ports stay its own business.
-        if not report.adopted and self.sockets is not None and uses_preload(self.spec) \
-                and not self.spec.listen and instance.pidfd is not None:
-            if report.pid in (None, instance.pid):
-                self._adopt(instance.pidfd, report)
-            else:  # a process of the instance's group, not its main one
-                with contextlib.suppress(OSError), _pidfd(report.pid) as pidfd:
-                    self._adopt(pidfd, report)
-        self._heard_listening.set()
-        if not self.spec.wait_ready and not self.spec.ready_check:
-            instance.mark_ready(f"listening on {report.address}")
+    def _bind(self) -> None:
+        """Bind the app's `listen` addresses (none yet for a port learned from the app)."""
+        sockets = AppSockets(self.name, self.spec.listen, self.spec.reuse_port)
+        sockets.bind()  # raises SpawnError naming the address; nothing is half-bound
+        self.sockets = sockets
 
-    def _adopt(self, pidfd: int, report: ListenReport) -> None:
-        assert self.sockets is not None
-        for held in self.sockets.shared:
-            if held.unix_path is None and held.sock.getsockname()[1] == report.port \
-                    and FAMILIES.get(held.sock.family) == report.family:
-                return  # already ours (another instance reported it first)
-        try:
-            sock = take_socket(pidfd, report.fd)
-            sock.listen(BACKLOG)  # the app may have asked for a small backlog
-        except OSError as exc:
-            log.warning("%s: cannot take the socket of %s from the app (%s); other "
-                        "instances cannot share that port", self.name, report.address, exc)
+    def _release_idle_sockets(self) -> None:
+        """Between operations, close what no instance serves: every socket when nothing
+        runs (a drop-in app forgets its learned port, learned again on start), else the
+        reuse_port sockets of slots whose instance has ended."""
+        if self.sockets is None or self.busy is not None:
             return
-        self.sockets.shared.append(ListenSocket(report.address, sock))
-        self.sockets.addresses = (*self.sockets.addresses, report.address)
-        log.info("%s: pmxd now holds %s; every instance shares it", self.name, report.address)
+        live = {i.index for i in self.all_instances() if i.state not in ENDED}
+        if not live:
+            log.info("%s: nothing runs; closing %s", self.name,
+                     ", ".join(self.sockets.bound_addresses()) or "its sockets")
+            self._close_sockets()
+        elif self.sockets.reuse_port:
+            self.sockets.release_slots_except(live)
 
-    def _must_learn_port(self) -> bool:
-        return (uses_preload(self.spec) and not self.spec.listen and self.sockets is not None
-                and not self.sockets.shared)
+    def _close_sockets(self) -> None:
+        if self._served_check is not None:
+            self._served_check.cancel()
+        self.unserved = []
+        if self.sockets is not None:
+            self.sockets.close()
+            self.sockets = None
 
-    async def _wait_listening(self, instance: Instance) -> None:
-        """The first instance of an app whose port is not known yet: wait until it listens
-        (or exits, or listen_timeout passes) before starting the others on its socket."""
-        self._heard_listening.clear()
-        heard = asyncio.ensure_future(self._heard_listening.wait())
-        exited = asyncio.ensure_future(instance.wait_exit())
-        try:
-            await asyncio.wait({heard, exited}, timeout=self.spec.listen_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            heard.cancel()
-            exited.cancel()
-        # An app may listen on several sockets one after the other (aiohttp binds IPv4,
-        # then IPv6): the others start once the reports have stopped coming.
-        while self._heard_listening.is_set() and instance.pid is not None:
-            self._heard_listening.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard_listening.wait(), LISTEN_SETTLE_S)
+    def _check_served_soon(self) -> None:
+        if self.sockets is not None:
+            if self._served_check is not None:
+                self._served_check.cancel()
+            self._served_check = self._own(self._check_served())
+
+    async def _check_served(self) -> None:
+        """Some seconds after a start or reload: the listen addresses that no online
+        instance accepts on, kept in `unserved` for `describe` (sockets.find_unserved)."""
+        found = await find_unserved(lambda: self.sockets, lambda: {
+            i.index: i.pid for i in self.instances.values()
+            if i.state is State.ONLINE and i.pid is not None}, self.unserved)
+        if found is not None:
+            self.unserved = found
+
+    # ------------------------------------------------------------ logs and tasks
 
     def log_paths(self, index: int) -> tuple[Path, Path]:
         spec = self.spec
@@ -205,66 +201,15 @@ class AppGroup:
         needs_watch = instance.state is State.STARTING and (
             self.spec.wait_ready or self.spec.ready_check)
         if needs_watch:
-            self._own(self._settle_start(instance))
+            self._own(self._readiness.settle_start(instance))
+        if instance.state in ENDED:
+            self._release_idle_sockets()  # e.g. errored by crash-looping, or exited for good
 
-    def _own(self, coroutine: Coroutine[object, object, None]) -> None:
+    def _own(self, coroutine: Coroutine[object, object, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _settle_start(self, instance: Instance) -> None:
-        """A plain start with a readiness check: online when ready, or after listen_timeout."""
-        try:
-            await self.wait_instance_ready(instance)
-        except SpawnError as exc:
-            if instance.state is State.STARTING:
-                log.warning("%s: %s; counting it online as PM2 does", instance.name, exc)
-                instance.mark_ready(f"assumed ready: {exc}")
-
-    async def wait_instance_ready(self, instance: Instance) -> None:
-        spec = self.spec
-        if spec.ready_check:
-            check = spec.ready_check.replace("{instance}", str(instance.index))
-            inheritance = self._inheritance(instance.index)
-            if inheritance is not None and inheritance.port is not None:
-                check = check.replace("{port}", str(inheritance.port))
-            probe = wait_probe(check, lambda: instance.state in RUNNING)
-            try:
-                async with asyncio.timeout(spec.listen_timeout_s):
-                    passed = await probe
-            except TimeoutError:
-                raise SpawnError(f"{instance.name} (pid {instance.pid}): {check} did not "
-                                 f"answer within listen_timeout ({spec.listen_timeout_s:g}s)") from None
-            if not passed:
-                raise SpawnError(f"{instance.name} exited before it was ready "
-                                 f"({instance.last_exit}){instance.stderr_excerpt()}")
-            instance.mark_ready(f"ready: {check} answered")
-        elif spec.wait_ready:
-            await instance.wait_ready(spec.listen_timeout_s)
-        else:
-            # No setting: ready when the app listens (its preload says so) or is seen
-            # accepting on its sockets; a program pmx cannot see (a worker) is ready once it
-            # has stayed up for listen_timeout.
-            watcher = asyncio.ensure_future(self._watch_accepting(instance))
-            try:
-                await instance.wait_ready(spec.listen_timeout_s)
-            except NotReadyInTime:
-                instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
-            finally:
-                watcher.cancel()
-
-    async def _watch_accepting(self, instance: Instance) -> None:
-        """Mark `instance` ready once its process tree waits for connections on one of the
-        app's sockets (accepting.py)."""
-        if self.sockets is None or instance.pid is None:
-            return
-        sockets = self.sockets.ensure_slot(instance.index)
-        inodes = [socket_inode(item.sock.fileno()) for item in sockets]
-        while inodes and instance.state in (State.STARTING, State.LAUNCHING):
-            if is_accepting(instance.pid, inodes):
-                instance.mark_ready("accepting connections")
-                return
-            await asyncio.sleep(ACCEPT_POLL_S)
+        return task
 
     # ------------------------------------------------------------ commands
 
@@ -275,24 +220,23 @@ class AppGroup:
         instance starts alone and the others once it listens. Returns errors (spawn
         failures) as sentences; the instances concerned are errored."""
         if self.spec.is_cluster and self.sockets is None:
-            sockets = AppSockets(self.name, self.spec.listen, self.spec.reuse_port)
-            sockets.bind()  # raises SpawnError: nothing started yet
-            self.sockets = sockets
+            self._bind()  # raises SpawnError: nothing started yet
         errors: list[str] = []
         waiting = []
-        for index in range(self.spec.instances):
+        for index in self._slots():
             instance = self.instances.get(index)
             if instance is None:
                 instance = self.instances[index] = self._new_instance(index)
             if instance.state in ENDED:
                 waiting.append(instance)
-        if waiting and self._must_learn_port():
+        if waiting and self._readiness.must_learn_port():
             first = waiting.pop(0)
             errors.extend(self._start_one(first, reason))
             if first.pid is not None:
-                await self._wait_listening(first)
+                await self._readiness.wait_listening(first)
         for instance in waiting:
             errors.extend(self._start_one(instance, reason))
+        self._check_served_soon()
         return errors
 
     def _start_one(self, instance: Instance, reason: str) -> list[str]:
@@ -318,9 +262,7 @@ class AppGroup:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.sockets is not None:
-            self.sockets.close()
-            self.sockets = None
+        self._close_sockets()
 
     async def scale(self, count: int) -> list[str]:
         if count < 1:
@@ -328,12 +270,11 @@ class AppGroup:
         old = self.spec.instances
         self.spec = self.spec.with_instances(count)
         if count < old:
-            gone = [self.instances[i] for i in sorted(self.instances) if i >= count]
+            kept = self._slots()
+            gone = [self.instances[i] for i in sorted(self.instances) if i not in kept]
             await asyncio.gather(*(inst.stop("scaled down") for inst in gone))
             for inst in gone:
-                del self.instances[inst.index]
-                if self.sockets is not None:
-                    self.sockets.release_slot(inst.index)
+                del self.instances[inst.index]  # their reuse_port slots close after the operation
             return []
         return await self.start("scaled up")
 
@@ -345,7 +286,8 @@ class AppGroup:
         if spec.is_cluster and self.sockets is None:
             await self.start("started")
             return
-        for index in range(spec.instances):
+        slots = self._slots()
+        for index in slots:
             old = self.instances.get(index)
             if old is None or old.state not in RUNNING:
                 if old is None:
@@ -358,14 +300,15 @@ class AppGroup:
             if spec.reload_mode == "restart":
                 await old.restart("reloading (reload_mode restart)", started="reloaded")
                 if spec.wait_ready or spec.ready_check:
-                    await self.wait_instance_ready(old)
+                    await self._readiness.wait(old)
                 progress(f"{old.name} restarted, pid {old.pid}")
                 continue
             await self.replace(old, "reloaded")
             progress(f"{self.name}:{index} replaced: pid {old.pid} -> "
                      f"{self.instances[index].pid}")
-        for index in [i for i in self.instances if i >= spec.instances]:
+        for index in [i for i in self.instances if i not in slots]:
             await self.instances.pop(index).stop("removed by reload")
+        self._check_served_soon()
 
     async def replace(self, old: Instance, reason: str) -> Instance:
         """Start a replacement for `old`, wait until it is ready, then stop `old`."""
@@ -374,7 +317,7 @@ class AppGroup:
         self.replacing[old.index] = new
         try:
             new.start(reason, replacement=True)
-            await self.wait_instance_ready(new)
+            await self._readiness.wait(new)
         except SpawnError:
             if new.state in RUNNING:
                 await new.stop("replacement failed")
@@ -406,3 +349,100 @@ class AppGroup:
 
     def restart_for_memory_nowait(self, instance: Instance, reason: str) -> None:
         self._own(self.restart_for_memory(instance, reason))
+
+
+class Readiness:
+    """When a new instance of one app counts as ready: its readiness checks (ready_check,
+    wait_ready), its preload's listen reports, or being seen accepting on the app's
+    sockets. In drop-in cluster mode a listen report also teaches pmxd the app's port."""
+
+    def __init__(self, app: AppGroup) -> None:
+        self._app = app
+        self._heard_listening = asyncio.Event()  # a preload reported a listen (dropin.py)
+
+    def on_listening(self, instance: Instance, report: ListenReport) -> None:
+        """A preload says `instance` listens. A port the app bound itself becomes the
+        app's: pmxd takes a copy of that socket and every other instance shares it."""
+        spec, sockets = self._app.spec, self._app.sockets
+        log.info("%s (pid %s) listens on %s%s", instance.name, instance.pid, report.address,
+                 " (the shared socket)" if report.adopted else "")
+        # Only a port learned from the app: with `listen` declared, the cluster's
+        # addresses are those, and the app's other ports stay its own business.
+        if not report.adopted and sockets is not None and uses_preload(spec) \
+                and not spec.listen and instance.pid is not None and instance.pidfd is not None:
+            sockets.adopt(report, instance.pid, instance.pidfd)
+        self._heard_listening.set()
+        if not spec.wait_ready and not spec.ready_check:
+            instance.mark_ready(f"listening on {report.address}")
+
+    def must_learn_port(self) -> bool:
+        spec, sockets = self._app.spec, self._app.sockets
+        return uses_preload(spec) and not spec.listen and sockets is not None and not sockets.shared
+
+    async def wait_listening(self, instance: Instance) -> None:
+        """The first instance of an app whose port is not known yet: wait until it listens
+        (or exits, or listen_timeout passes) before starting the others on its socket."""
+        self._heard_listening.clear()
+        heard = asyncio.ensure_future(self._heard_listening.wait())
+        exited = asyncio.ensure_future(instance.wait_exit())
+        try:
+            await asyncio.wait({heard, exited}, timeout=self._app.spec.listen_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            exited.cancel()
+        # An app may listen on several sockets one after the other (aiohttp binds IPv4,
+        # then IPv6): the others start once the reports have stopped coming.
+        while self._heard_listening.is_set() and instance.pid is not None:
+            self._heard_listening.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard_listening.wait(), LISTEN_SETTLE_S)
+
+    async def settle_start(self, instance: Instance) -> None:
+        """A plain start with a readiness check: online when ready, or after listen_timeout."""
+        try:
+            await self.wait(instance)
+        except SpawnError as exc:
+            if instance.state is State.STARTING:
+                log.warning("%s: %s; counting it online as PM2 does", instance.name, exc)
+                instance.mark_ready(f"assumed ready: {exc}")
+
+    async def wait(self, instance: Instance) -> None:
+        """Until `instance` is ready; SpawnError when it exits or a check never passes."""
+        spec = self._app.spec
+        if spec.ready_check:
+            check = spec.ready_check.replace("{instance}", str(instance.index))
+            inheritance = self._app.inheritance(instance.index)
+            if inheritance is not None and inheritance.port is not None:
+                check = check.replace("{port}", str(inheritance.port))
+            probe = wait_probe(check, lambda: instance.state in RUNNING)
+            try:
+                async with asyncio.timeout(spec.listen_timeout_s):
+                    passed = await probe
+            except TimeoutError:
+                raise SpawnError(f"{instance.name} (pid {instance.pid}): {check} did not "
+                                 f"answer within listen_timeout ({spec.listen_timeout_s:g}s)") from None
+            if not passed:
+                raise SpawnError(f"{instance.name} exited before it was ready "
+                                 f"({instance.last_exit}){instance.stderr_excerpt()}")
+            instance.mark_ready(f"ready: {check} answered")
+        elif spec.wait_ready:
+            await instance.wait_ready(spec.listen_timeout_s)
+        else:
+            # No setting: ready when the app listens (its preload says so) or is seen
+            # accepting on its sockets; a program pmx cannot see (a worker) is ready once it
+            # has stayed up for listen_timeout.
+            watcher = asyncio.ensure_future(self._watch_accepting(instance))
+            try:
+                await instance.wait_ready(spec.listen_timeout_s)
+            except NotReadyInTime:
+                instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
+            finally:
+                watcher.cancel()
+
+    async def _watch_accepting(self, instance: Instance) -> None:
+        sockets = self._app.sockets
+        if sockets is not None and instance.pid is not None and await sockets.wait_accepting(
+                instance.index, instance.pid,
+                lambda: instance.state in (State.STARTING, State.LAUNCHING)):
+            instance.mark_ready("accepting connections")

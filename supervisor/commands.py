@@ -6,11 +6,13 @@ reads arguments with their types checked, so a malformed request gets `bad_args`
 never reaches the apps. Commands are dispatched through the explicit table `handlers()`
 builds: no name from the wire is ever looked up as an attribute.
 
-Batch commands (a target of "all", or several apps) act on every target, each in its
-own operation, and report one result per target in "results"
-(`{"target": "api", "ok": false, "error": "..."}`), plus the successes under the verb's
-key and the failures as sentences in "errors". Only when every target fails is the
-first failure raised, so a single-target command fails as a whole.
+Batch commands (a target of "all", several apps, or a "targets" list) act on every
+target, each app in its own operation, and report one result per target in "results"
+(`{"target": "api", "ok": false, "error": "..."}`), plus the labels of the successes
+under the verb's key (an app, or its instances as "api:0") and the failures as sentences
+in "errors". Every name is resolved before anything is done: an unknown one fails the
+whole request (not_found). Only when every target fails is the first failure raised, so
+a single-target command fails as a whole.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from .home import DUMP_FILE
 from .logs import LogFiles
 from .monitor import ResourceMonitor
 from .protocol import Command, Json, JsonObject, Request
-from .registry import Registry, Target, instance_row
+from .registry import Registry, Target, instance_row, is_running
 from .states import ENDED
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[JsonObject]]
 MAX_INSTANCES = 1024
+MAX_TARGETS = 1024
 
 
 class Host(Protocol):
@@ -76,6 +79,17 @@ class Args:
         if not isinstance(value, str) or not value:
             raise CommandError("bad_args", '"target" must be an app name, an id or "all"')
         return value
+
+    def targets(self) -> list[str]:
+        """"targets" (a non-empty list of names, ids or "all"), else the one "target"."""
+        if "targets" not in self._args:
+            return [self.target()]
+        values = self._args.get("targets")
+        if not isinstance(values, list) or not values or len(values) > MAX_TARGETS or not all(
+                isinstance(value, str) and value for value in values):
+            raise CommandError("bad_args", '"targets" must be a non-empty list of app names, '
+                                           'ids or "all"')
+        return [str(value) for value in values]
 
     def flag(self, key: str) -> bool:
         return self._args.get(key) is True
@@ -139,7 +153,8 @@ class Commands:
         return {"instances": self._registry.rows(self._host.monitor.stats)}
 
     async def describe(self, args: Args) -> JsonObject:
-        """target, show_secrets? -> {apps: [{name, spec, mode, listen, busy, instances}]}: the full
+        """target, show_secrets? -> {apps: [{name, spec, mode, listen, unserved, busy,
+        instances}]}: unserved lists listen addresses no instance accepts on; the full
         settings (secret-looking env values masked unless show_secrets) and, per instance,
         the list row plus its log paths, last exit, unstable restarts, status text, argv."""
         stats = self._host.monitor.stats
@@ -162,37 +177,47 @@ class Commands:
             described.append({"name": app.name, "spec": _json_table(table), "mode": app.mode,
                               "listen": list[Json](app.sockets.bound_addresses()
                                                    if app.sockets else []),
+                              "unserved": list[Json](app.unserved),
                               "busy": app.busy, "instances": instances})
         return {"apps": described}
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, args: Args) -> JsonObject:
-        """Either target (start stopped or errored apps/instances again), or apps (a list
-        of app tables, all validated before anything starts) with base_env.
-        -> {started: [names], errors: [sentences]}; an app with other settings under the
-        same name is refused (bad_args): reload it or delete it first."""
+        """Either target or targets (start stopped or errored apps/instances again), or
+        apps (a list of app tables, all validated before anything starts) with base_env.
+        -> {started: [labels], already_running: [labels], errors: [sentences]}. Starting
+        what already runs does nothing and says so (already_running); an app with other
+        settings under the same name is refused (bad_args): reload it or delete it first."""
         tables = args.tables()
         if tables is None:
             started: list[Json] = []
+            running: list[Json] = []
             errors: list[Json] = []
-            for target in self._registry.resolve(args.target()):
+            for target in self._registry.resolve_all(args.targets()):
+                ended = [i for i in target.chosen or [] if i.state in ENDED]
+                nothing_to_start = (is_running(target.app) if target.chosen is None
+                                    else not ended)
+                if nothing_to_start:
+                    running.append(target.label)
+                    continue
                 async with target.app.operation("start"):
                     if target.chosen is None:
                         errors.extend(await target.app.start())
                     else:
-                        for instance in target.chosen:
-                            if instance.state in ENDED:
-                                try:
-                                    instance.start("started")
-                                except SpawnError as exc:
-                                    errors.append(str(exc))
-                started.append(target.app.name)
-            return {"started": started, "errors": errors}
+                        for instance in ended:
+                            try:
+                                instance.start("started")
+                            except SpawnError as exc:
+                                errors.append(str(exc))
+                started.append(Target(target.app, ended).label if target.chosen is not None
+                               else target.label)
+            return {"started": started, "already_running": running, "errors": errors}
         return await self._host.start_specs(_specs_from_request(tables), args.env() or {})
 
     async def stop(self, args: Args) -> JsonObject:
-        """target -> {stopped: [labels], results, errors}. Stop signal, kill_timeout, SIGKILL."""
+        """target or targets -> {stopped: [labels], results, errors}. Stop signal,
+        kill_timeout, SIGKILL."""
         async def stop_one(target: Target) -> None:
             async with target.app.operation("stop"):
                 if target.chosen is None:
@@ -200,10 +225,10 @@ class Commands:
                 else:
                     await asyncio.gather(*(inst.stop() for inst in target.chosen))
 
-        return await self._each(args.target(), "stopped", stop_one)
+        return await self._each(args.targets(), "stopped", stop_one)
 
     async def restart(self, args: Args) -> JsonObject:
-        """target -> {restarted: [labels], results, errors}: stop, then start again (a gap;
+        """target or targets -> {restarted: [labels], results, errors}: stop, then start (a gap;
         `reload` has none). A spawn failure is reported in errors, the instance errored."""
         async def restart_one(target: Target) -> list[str]:
             async with target.app.operation("restart"):
@@ -217,10 +242,10 @@ class Commands:
                         errors.append(str(exc))
                 return errors
 
-        return await self._each(args.target(), "restarted", restart_one)
+        return await self._each(args.targets(), "restarted", restart_one)
 
     async def reload(self, args: Args) -> JsonObject:
-        """target or apps, + base_env and update_env -> {reloaded: [names], started?}.
+        """target, targets or apps, + base_env and update_env -> {reloaded: [names], started?}.
 
         Each app in turn: replace its instances one at a time (see AppGroup.reload). With
         apps, changed settings are applied and unknown apps are started. A replacement
@@ -229,7 +254,7 @@ class Commands:
         With update_env, the apps take base_env as their environment from now on."""
         tables = args.tables()
         if tables is None:
-            targets = self._registry.resolve(args.target())
+            targets = self._registry.resolve_all(args.targets())
             env = args.env()
             if args.flag("update_env") and env is not None:
                 for target in targets:  # PM2's `reload NAME --update-env`
@@ -282,9 +307,11 @@ class Commands:
         return {"reloaded": reloaded}
 
     async def delete(self, args: Args) -> JsonObject:
-        """target -> {deleted: [names or "app:index"], results, errors}: stop and forget.
+        """target or targets -> {deleted: [names or "app:index"], results, errors}: stop and
+        forget.
         Deleting some instances of an app lowers its instance count (at least 1)."""
-        deleted: list[str] = []
+        order = [target.app.name for target in self._registry.resolve_all(args.targets())]
+        deleted: dict[str, list[str]] = {}  # by app, listed in the order the user named them
 
         async def delete_one(target: Target) -> None:
             app = target.app
@@ -292,17 +319,17 @@ class Commands:
                 if target.chosen is None or len(target.chosen) == len(app.instances):
                     await app.delete()
                     self._registry.remove(app.name)
-                    deleted.append(app.name)
+                    deleted[app.name] = [app.name]
                     self._host.publish_event(app.name, "removed", f'app "{app.name}" deleted')
                 else:
                     for instance in target.chosen:
                         await instance.stop("deleted")
                         app.instances.pop(instance.index, None)
                     app.spec = app.spec.with_instances(max(1, len(app.instances)))
-                    deleted.extend(instance.name for instance in target.chosen)
+                    deleted[app.name] = [instance.name for instance in target.chosen]
 
-        result = await self._each(args.target(), "deleted", delete_one)
-        result["deleted"] = list[Json](deleted)
+        result = await self._each(args.targets(), "deleted", delete_one)
+        result["deleted"] = [label for name in order for label in deleted.get(name, [])]
         return result
 
     async def scale(self, args: Args) -> JsonObject:
@@ -352,12 +379,16 @@ class Commands:
         return {"path": str(path), "apps": len(specs)}
 
     async def resurrect(self, args: Args) -> JsonObject:
-        """base_env? -> {started, errors, path}: start the dump's apps that do not run."""
+        """base_env? -> {started, already_running, errors, path}: start the dump's apps that
+        do not run. No dump: failed ("run pmx save first"). A dump that is not a valid
+        ecosystem file: bad_args, as a bad config file is (exit 2)."""
         path = self._host.home / DUMP_FILE
+        if not path.exists():
+            raise CommandError("failed", f"no dump at {path}; run pmx save first")
         try:
             specs = read_dump(path)
         except ConfigError as exc:
-            raise CommandError("failed", str(exc)) from None
+            raise CommandError("bad_args", str(exc)) from None
         env = args.env()
         result = await self._host.start_specs(specs, dict(os.environ) if env is None else env,
                                               skip_existing=True)
@@ -384,10 +415,10 @@ class Commands:
 
     # ------------------------------------------------------------ batches
 
-    async def _each(self, target: str, verb: str,
+    async def _each(self, names: list[str], verb: str,
                     operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
         """Run `operation` on every target at once; one result per target (see above)."""
-        targets = self._registry.resolve(target)
+        targets = self._registry.resolve_all(names)
         outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
         done: list[Json] = []
         errors: list[Json] = []
@@ -401,7 +432,7 @@ class Commands:
                 errors.append(str(outcome))
                 results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
                 continue
-            done.append(resolved.app.name)
+            done.append(resolved.label)
             errors.extend(outcome or [])
             results.append({"target": resolved.label, "ok": True})
         if failures and len(failures) == len(targets):

@@ -254,10 +254,21 @@ def parse_ecosystem(
             )
         seen[spec.name] = index
         specs.append(spec)
+    if env_name is not None:
+        _check_env_profile(source, env_name, apps)
     missing = [name for name in only if name not in seen]
     if missing:
         raise ConfigError(f'{source}: --only "{missing[0]}": no app of that name in the file')
     return [spec for spec in specs if not only or spec.name in only]
+
+
+def _check_env_profile(source: str, env_name: str, apps: list[dict[str, object]]) -> None:
+    """`--env NAME` needs an app with env_NAME: a typo must not start the apps without it."""
+    known = sorted({key[4:] for raw in apps for key in raw
+                    if key.startswith("env_") and len(key) > 4 and key not in OPTION_BY_NAME})
+    if env_name not in known:
+        listed = ", ".join(known) if known else "none (no app has an env_NAME table)"
+        raise ConfigError(f"{source}: no app has env_{env_name}; known: {listed}")
 
 
 def spec_from_table(table: Mapping[str, object], *, source: str = "request") -> AppSpec:

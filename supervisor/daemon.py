@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -40,7 +40,7 @@ from .config import AppSpec, parse_ecosystem
 from .control import ControlServer
 from .dropin import ListenReport
 from .dump import read_dump
-from .errors import ExitCode, HomeError, PmxError
+from .errors import ConfigError, ExitCode, HomeError, PmxError
 from .home import (
     DAEMON_LOG,
     DUMP_FILE,
@@ -65,6 +65,7 @@ from .states import ENDED, State
 log = logging.getLogger("pmx.supervisor")
 
 DEFAULT_MONITOR_INTERVAL_S = 1.0
+RUNTIME_PROG = "pmx-runtime"
 REPLY_GRACE_S = 0.05  # lets the reply of `kill` or `update` leave before we act
 
 
@@ -77,6 +78,7 @@ class Daemon:
         # app has ended, with 0 only when they all exited 0.
         self.runtime_mode = runtime_mode
         self.exit_status = 0
+        self.startup_errors: list[str] = []
         self.started = time.time()
         self.fd_limit = raise_fd_limit()
         self.loop = asyncio.get_running_loop()
@@ -215,8 +217,12 @@ class Daemon:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def run(self, *, resurrect: bool, files: list[str], env_name: str | None,
+    async def run(self, *, resurrect: bool, files: Sequence[list[AppSpec]] = (),
                   ready_fd: int | None = None) -> int:
+        """Run until stopped; the exit status. `files`: the apps of each file on the command
+        line, already validated. When one cannot start, pmxd stops the others and exits 1
+        with the reasons in `startup_errors`, instead of idling with nothing running (a
+        container that looks healthy)."""
         self.reaper.install()
         become_subreaper()
         self.control.bind()
@@ -228,12 +234,16 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
         log.info("pmxd %s started (pid %d, home %s, fd limit %d)", __version__, os.getpid(),
                  self.home, self.fd_limit)
-        await self._start_initial_apps(resurrect, files, env_name)
+        self.startup_errors = await self._start_initial_apps(resurrect, files)
+        if self.startup_errors:
+            self.exit_status = int(ExitCode.FAILED)
+            self._stopping.set()
         if ready_fd is not None:
-            os.write(ready_fd, b"ok")
+            os.write(ready_fd, "; ".join(self.startup_errors).encode() or b"ok")
             os.close(ready_fd)
-        _tell_systemd(f"READY=1\nSTATUS=supervising {len(self.registry)} apps\n"
-                      f"MAINPID={os.getpid()}")
+        if not self.startup_errors:
+            _tell_systemd(f"READY=1\nSTATUS=supervising {len(self.registry)} apps\n"
+                          f"MAINPID={os.getpid()}")
         background = [self.loop.create_task(self.monitor.run()),
                       self.loop.create_task(self._watchdog_loop())]
         await self._stopping.wait()
@@ -254,8 +264,9 @@ class Daemon:
         log.info("pmxd stopped")
         return self.exit_status
 
-    async def _start_initial_apps(self, resurrect: bool, files: list[str],
-                                  env_name: str | None) -> None:
+    async def _start_initial_apps(self, resurrect: bool,
+                                  files: Sequence[list[AppSpec]]) -> list[str]:
+        """Start the saved apps (leniently) and the files' apps; why the latter failed."""
         if resurrect:
             try:
                 specs = read_dump(self.home / DUMP_FILE)
@@ -264,12 +275,19 @@ class Daemon:
             except PmxError as exc:
                 # A service must come up even with a damaged dump: say why, start nothing.
                 log.error("cannot resurrect: %s", exc)
-        for file in files:
+        errors: list[str] = []
+        for specs in files:
             try:
-                specs = parse_ecosystem(file, env_name=env_name)
-                await self.start_specs(specs, dict(os.environ))
+                started = await self.start_specs(specs, dict(os.environ))
             except PmxError as exc:
-                log.error("%s", exc)
+                errors.append(str(exc))
+                continue
+            problems = started.get("errors")
+            if isinstance(problems, list):
+                errors.extend(str(problem) for problem in problems)
+        for error in errors:
+            log.error("%s; pmxd stops", error)
+        return errors
 
     async def _watchdog_loop(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")
@@ -303,12 +321,15 @@ def _setup_logging(home: Path, foreground: bool) -> None:
     root.setLevel(logging.INFO)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pmxd", description="the pmx daemon")
+def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    runtime = prog == RUNTIME_PROG  # --foreground --runtime are implied: not shown
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "pmxd in the foreground as a container's entry point: runs the files' apps, logs to "
+        "stderr, exits when every app has ended" if runtime else "the pmx daemon"))
     parser.add_argument("files", nargs="*", help="ecosystem files to start")
     parser.add_argument("--home", help="PMX_HOME (default: $PMX_HOME or ~/.pmx)")
-    parser.add_argument("--foreground", action="store_true",
-                        help="stay attached and log to stderr (for systemd and containers)")
+    parser.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS if runtime
+                        else "stay attached and log to stderr (for systemd and containers)")
     parser.add_argument("--resurrect", action="store_true",
                         help="start the apps of the last `pmx save`")
     parser.add_argument("--env", dest="env_name", help="env_NAME table of the files to use")
@@ -316,9 +337,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between CPU/memory samples (default 1, at least 0.1)")
     parser.add_argument("--log-file", action="store_true",
                         help="with --foreground: log to PMX_HOME/pmxd.log, not stderr")
-    parser.add_argument("--runtime", action="store_true",
-                        help="container mode: app output to stdout, exit when every app ended")
-    parser.add_argument("--version", action="version", version=f"pmxd {__version__}")
+    parser.add_argument("--runtime", action="store_true", help=argparse.SUPPRESS if runtime
+                        else "container mode: app output to stdout, exit when every app ended")
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
     return parser.parse_args(argv)
 
 
@@ -356,8 +377,15 @@ def unignore_signals() -> None:
             signal.signal(signum, lambda number, frame: None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
+    """pmxd's command line. The files are read and checked first, so that a missing or
+    invalid one is one line on stderr and exit 2, before anything starts."""
+    args = _parse_args(argv, prog)
+    try:
+        files = [parse_ecosystem(file, env_name=args.env_name) for file in args.files]
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     unignore_signals()
     home = Path(os.path.abspath(Path(args.home) if args.home else default_home()))
     os.umask(0o077)
@@ -373,18 +401,20 @@ def main(argv: list[str] | None = None) -> int:
         if ready_fd is not None:
             os.write(ready_fd, str(exc).encode())
             os._exit(int(ExitCode.FAILED))
-        print(f"pmxd: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return int(ExitCode.FAILED)
     _setup_logging(home, args.foreground and not args.log_file)
+    errors: list[str] = []
     try:
         async def amain() -> int:
             # Files on a foreground command line mean a container's entry point.
             runtime_mode = args.runtime or bool(args.foreground and args.files)
             daemon = Daemon(home, monitor_interval_s=interval, runtime_mode=runtime_mode)
-            return await daemon.run(resurrect=args.resurrect, files=args.files,
-                                    env_name=args.env_name, ready_fd=ready_fd)
+            status = await daemon.run(resurrect=args.resurrect, files=files, ready_fd=ready_fd)
+            errors.extend(daemon.startup_errors)
+            return status
 
-        return asyncio.run(amain())
+        status = asyncio.run(amain())
     except Exception as exc:
         log.exception("pmxd crashed")
         if ready_fd is not None:
@@ -393,11 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.FAILED)
     finally:
         lock.release()
+    for error in errors if ready_fd is None else ():  # else the waiting parent said it
+        print(f"{prog}: {error}", file=sys.stderr)
+    return status
 
 
 def runtime_main() -> int:
     """`pmx-runtime FILE...`: pmxd in the foreground as a container's PID 1."""
-    return main(["--foreground", "--runtime", *sys.argv[1:]])
+    return main(["--foreground", "--runtime", *sys.argv[1:]], prog=RUNTIME_PROG)
 
 
 if __name__ == "__main__":

@@ -90,22 +90,13 @@ class Runtime(Protocol):
 class Instance:
     """One instance slot of an app: spawns, watches, restarts and stops its process."""
 
-    def __init__(
-        self,
-        *,
-        app: str,
-        index: int,
-        instance_id: int,
-        spec: Callable[[], AppSpec],
-        runtime: Runtime,
-        base_env: Callable[[], Mapping[str, str]],
-        inheritance: Callable[[int], Inheritance | None],
-        on_change: Callable[[Instance], None],
-        on_listening: Callable[[Instance, ListenReport], None] = lambda instance, report: None,
-    ) -> None:
-        self.app = app
-        self.index = index
-        self.id = instance_id
+    def __init__(self, *, app: str, index: int, instance_id: int, spec: Callable[[], AppSpec],
+                 runtime: Runtime, base_env: Callable[[], Mapping[str, str]],
+                 inheritance: Callable[[int], Inheritance | None],
+                 on_change: Callable[[Instance], None],
+                 on_listening: Callable[[Instance, ListenReport], None] = lambda i, report: None,
+                 ) -> None:
+        self.app, self.index, self.id = app, index, instance_id
         self._spec = spec
         self._runtime = runtime
         self._base_env = base_env

@@ -85,6 +85,23 @@ class Registry:
         shown = target if len(target) <= 64 else target[:61] + "..."
         raise CommandError("not_found", f'no app or instance id "{shown}"')
 
+    def resolve_all(self, targets: list[str]) -> list[Target]:
+        """Several targets -> one Target per app, in the order named: every name is checked
+        before anything is done (not_found for the first unknown one), and an app named
+        both whole and by instance ids is taken whole, so that no two operations run on
+        the same app at once."""
+        merged: dict[str, Target] = {}
+        for resolved in (t for target in targets for t in self.resolve(target)):
+            name = resolved.app.name
+            known = merged.get(name)
+            if known is None:
+                merged[name] = resolved
+            elif known.chosen is not None:
+                chosen = None if resolved.chosen is None else [
+                    *known.chosen, *(i for i in resolved.chosen if i not in known.chosen)]
+                merged[name] = Target(resolved.app, chosen)
+        return list(merged.values())
+
     def find_by_pid(self, pid: int) -> Instance | None:
         """The instance whose main process is `pid` or leads `pid`'s process group."""
         try:
@@ -100,9 +117,12 @@ class Registry:
 
     async def start_specs(self, specs: list[AppSpec], base_env: Mapping[str, str], *,
                           skip_existing: bool = False) -> JsonObject:
-        """Create (or start again) the apps of `specs`; one app's spawn failure is reported
-        in "errors" and does not stop the others. An existing app with other settings is
-        refused (unless `skip_existing`: resurrect and recovery keep what runs)."""
+        """Create (or start again) the apps of `specs` -> {started, already_running, errors}.
+
+        One app's spawn failure is reported in "errors" and does not stop the others. An
+        app whose every instance already runs is left alone and named in
+        "already_running". An existing app with other settings is refused (unless
+        `skip_existing`: resurrect and recovery keep what runs)."""
         for spec in specs:
             existing = self.apps.get(spec.name)
             if existing is not None and existing.spec != spec and not skip_existing:
@@ -112,10 +132,14 @@ class Registry:
             if existing is not None:
                 existing.check_idle()
         started: list[Json] = []
+        running: list[Json] = []
         errors: list[Json] = []
         for spec in specs:
             app = self.apps.get(spec.name)
             created = app is None
+            if app is not None and is_running(app):
+                running.append(spec.name)
+                continue
             if app is None:
                 app = self.apps[spec.name] = self._make_app(spec, base_env)
             async with app.operation("start"):
@@ -128,14 +152,22 @@ class Registry:
                     continue
             errors.extend(problems)
             started.append(spec.name)
-        return {"started": started, "errors": errors}
+        return {"started": started, "already_running": running, "errors": errors}
 
     # ------------------------------------------------------------ rows
 
     def rows(self, stats: Mapping[int, InstanceStats]) -> list[Json]:
-        """One row per instance (replacements included), in app then slot order."""
+        """One row per instance, in app then slot order. A reload's replacement follows the
+        instance it replaces, with the same id and slot, marked "replacement": true."""
         return [instance_row(app, instance, stats) for app in self.apps.values()
-                for instance in sorted(app.all_instances(), key=lambda i: (i.index, i.id))]
+                for instance in sorted(app.all_instances(), key=lambda i: (
+                    i.index, i.id, app.replacing.get(i.index) is i))]
+
+
+def is_running(app: AppGroup) -> bool:
+    """Every instance the app should have is there and none has ended: nothing to start."""
+    return all((instance := app.instances.get(index)) is not None
+               and instance.state not in ENDED for index in range(app.spec.instances))
 
 
 def instance_row(app: AppGroup, instance: Instance, stats: Mapping[int, InstanceStats]) -> JsonObject:
@@ -143,6 +175,7 @@ def instance_row(app: AppGroup, instance: Instance, stats: Mapping[int, Instance
     running = instance.state not in (*ENDED, State.WAITING)
     return {
         "name": app.name, "id": instance.id, "instance": instance.index,
+        "replacement": app.replacing.get(instance.index) is instance,
         "pid": instance.pid if running else None, "status": instance.state.value,
         "reason": instance.reason, "restarts": instance.restarts,
         "cpu": sample.cpu if sample and running else 0.0,

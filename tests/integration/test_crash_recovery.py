@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -53,7 +54,10 @@ script = "{app_path('grandchild.py')}"
         def settled() -> tuple[bool, object]:
             if not (pmx.home / "rpc.sock").exists():
                 return False, "no socket yet"
-            rows = pmx.list()
+            listing = pmx.run("list", "--json", check=False)
+            if listing.returncode != 0:  # the old pmxd's files, before the new one holds the lock
+                return False, listing.stderr
+            rows = json.loads(listing.stdout)
             counts = {name: sum(1 for r in rows if r["name"] == name and r["status"] == "online")
                       for name in ("fork", "forking", "web")}
             return counts == {"fork": 1, "forking": 1, "web": 2} and len(rows) == 4, rows

@@ -80,12 +80,13 @@ exp_backoff_restart_delay = 100
     assert "errored" in pmx.run("list").stdout
 
 
-def test_missing_executable_is_errored_at_once(pmx: Pmx) -> None:
+def test_missing_script_is_refused_before_anything_starts(pmx: Pmx) -> None:
+    # A program missing at spawn time is errored at once: test_hostile covers that through
+    # an ecosystem file. A path given on the command line is checked before pmxd starts.
     result = pmx.run("start", "/nonexistent/bin/server", "--name", "ghost", check=False)
-    assert result.returncode == 1
-    assert "/nonexistent/bin/server: not found" in result.stderr
-    rows = pmx.instances("ghost")
-    assert rows[0]["status"] == "errored"
+    assert result.returncode == 2
+    assert "/nonexistent/bin/server: no such file" in result.stderr
+    assert pmx.daemon_pid() is None
 
 
 def test_stop_escalates_to_sigkill_after_kill_timeout(pmx: Pmx) -> None:
