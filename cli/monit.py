@@ -98,6 +98,14 @@ LAYOUT_CSS = """
     """
 
 
+# verb -> (command, past tense, whether it acts on the app rather than the instance)
+ACTIONS = {"restart": (Command.RESTART, "restarted", False),
+           "reload": (Command.RELOAD, "reloaded", True),
+           "stop": (Command.STOP, "stopped", False),
+           "start": (Command.START, "started", False),
+           "delete": (Command.DELETE, "deleted", True)}
+
+
 class MonitApp(App[int]):
     """The live monitor. `board` is its model; the widgets show it."""
 
@@ -116,12 +124,6 @@ class MonitApp(App[int]):
         Binding("ctrl+c", "quit", show=False, priority=True),
         Binding("escape", "clear_filter", show=False),
     ]
-    # verb -> (command, past tense, whether it acts on the app rather than the instance)
-    ACTIONS = {"restart": (Command.RESTART, "restarted", False),
-               "reload": (Command.RELOAD, "reloaded", True),
-               "stop": (Command.STOP, "stopped", False),
-               "start": (Command.START, "started", False),
-               "delete": (Command.DELETE, "deleted", True)}
 
     def __init__(self, home: Path) -> None:
         super().__init__()
@@ -372,7 +374,7 @@ class MonitApp(App[int]):
 
     def action_act(self, verb: str, row: Row | None = None) -> None:
         """Send `verb` (a key of ACTIONS) about the selected instance, or its app."""
-        command, done_verb, by_app = self.ACTIONS[verb]
+        command, done_verb, by_app = ACTIONS[verb]
         row = row or self.selected_row()
         if row is None:
             self.notify("no instance selected", severity="warning")

@@ -3,7 +3,8 @@
 The modules, one responsibility each (imports flow downwards in this list):
 
     daemon.py     wiring, lifecycle, signals, `main`; the instances' Runtime
-    commands.py   the request handlers, each docstring its spec; typed Args; the command table
+    commands.py   the request handlers, each docstring its spec; the command table
+    arguments.py  reading a request's arguments (typed, else bad_args) and app tables
     registry.py   the apps by name, instance ids, target resolution, the rows of `list`
     recovery.py   state.json, crash recovery, the socket hand-over of `pmx update`
     control.py    the ZeroMQ server: ROUTER for requests, PUB for events, stats and logs

@@ -1,6 +1,6 @@
 """The command handlers: what pmxd does for each request. Each docstring is the spec.
 
-A handler takes the request's `Args` and returns the reply's result object, or raises
+A handler takes the request's `Args` (arguments.py) and returns the reply's result object, or raises
 CommandError (its code goes on the wire: bad_args, not_found, busy, failed). `Args`
 reads arguments with their types checked, so a malformed request gets `bad_args` and
 never reaches the apps. Commands are dispatched through the explicit table `handlers()`
@@ -27,7 +27,8 @@ from typing import Protocol
 
 from . import __version__
 from .app import AppGroup
-from .config import AppSpec, mask_env, spec_from_table
+from .arguments import Args, json_table, specs_from_request
+from .config import AppSpec, mask_env
 from .dump import read_dump, write_dump
 from .errors import CommandError, ConfigError, PmxError, SpawnError
 from .home import DUMP_FILE
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[JsonObject]]
 MAX_INSTANCES = 1024
-MAX_TARGETS = 1024
 
 
 class Host(Protocol):
@@ -63,62 +63,6 @@ class Host(Protocol):
     def shut_down_soon(self) -> None: ...
 
     def update_soon(self) -> None: ...
-
-
-class Args:
-    """A request's arguments, read with their types checked (else `bad_args`)."""
-
-    def __init__(self, args: JsonObject) -> None:
-        self._args = args
-
-    def has(self, key: str) -> bool:
-        return key in self._args
-
-    def target(self) -> str:
-        value = self._args.get("target")
-        if not isinstance(value, str) or not value:
-            raise CommandError("bad_args", '"target" must be an app name, an id or "all"')
-        return value
-
-    def targets(self) -> list[str]:
-        """"targets" (a non-empty list of names, ids or "all"), else the one "target"."""
-        if "targets" not in self._args:
-            return [self.target()]
-        values = self._args.get("targets")
-        if not isinstance(values, list) or not values or len(values) > MAX_TARGETS or not all(
-                isinstance(value, str) and value for value in values):
-            raise CommandError("bad_args", '"targets" must be a non-empty list of app names, '
-                                           'ids or "all"')
-        return [str(value) for value in values]
-
-    def flag(self, key: str) -> bool:
-        return self._args.get(key) is True
-
-    def tables(self) -> list[Json] | None:
-        """The "apps" list of app tables, when given; an empty one is refused."""
-        tables = self._args.get("apps")
-        if tables is None:
-            return None
-        if not isinstance(tables, list) or not tables:
-            raise CommandError("bad_args", '"apps" must be a non-empty list of app tables')
-        return tables
-
-    def env(self, key: str = "base_env") -> dict[str, str] | None:
-        """An environment object: string values only (others are dropped); None if absent."""
-        value = self._args.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise CommandError("bad_args", f'"{key}" must be an object of strings')
-        return {str(k): v for k, v in value.items() if isinstance(v, str)}
-
-    def count(self, current: int) -> int:
-        """"count": "4", "+2" or "-1" -> the wanted number of instances."""
-        count = self._args.get("count")
-        digits = count.lstrip("+-") if isinstance(count, str) else ""
-        if not isinstance(count, str) or not (digits.isascii() and digits.isdigit()):
-            raise CommandError("bad_args", 'count must be a number like 4, "+2" or "-1"')
-        return current + int(count) if count[0] in "+-" else int(count)
 
 
 class Commands:
@@ -174,7 +118,7 @@ class Commands:
                             "status_text": instance.status_text,
                             "command": list[Json](app.spec.command())})
                 instances.append(row)
-            described.append({"name": app.name, "spec": _json_table(table), "mode": app.mode,
+            described.append({"name": app.name, "spec": json_table(table), "mode": app.mode,
                               "listen": list[Json](app.sockets.bound_addresses()
                                                    if app.sockets else []),
                               "unserved": list[Json](app.unserved),
@@ -213,7 +157,7 @@ class Commands:
                 started.append(Target(target.app, ended).label if target.chosen is not None
                                else target.label)
             return {"started": started, "already_running": running, "errors": errors}
-        return await self._host.start_specs(_specs_from_request(tables), args.env() or {})
+        return await self._host.start_specs(specs_from_request(tables), args.env() or {})
 
     async def stop(self, args: Args) -> JsonObject:
         """target or targets -> {stopped: [labels], results, errors}. Stop signal,
@@ -261,7 +205,7 @@ class Commands:
                     target.app.check_idle()
                     target.app.base_env = env
             return await self._reload_apps([(t.app, None) for t in targets])
-        specs = _specs_from_request(tables)
+        specs = specs_from_request(tables)
         base_env = args.env() or {}
         new_apps = [spec for spec in specs if self._registry.get(spec.name) is None]
         changed: list[tuple[AppGroup, AppSpec | None]] = []
@@ -417,27 +361,31 @@ class Commands:
 
     async def _each(self, names: list[str], verb: str,
                     operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
-        """Run `operation` on every target at once; one result per target (see above)."""
-        targets = self._registry.resolve_all(names)
-        outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
-        done: list[Json] = []
-        errors: list[Json] = []
-        results: list[Json] = []
-        failures: list[BaseException] = []
-        for resolved, outcome in zip(targets, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, PmxError):
-                    raise outcome
-                failures.append(outcome)
-                errors.append(str(outcome))
-                results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
-                continue
-            done.append(resolved.label)
-            errors.extend(outcome or [])
-            results.append({"target": resolved.label, "ok": True})
-        if failures and len(failures) == len(targets):
-            raise failures[0]
-        return {verb: done, "results": results, "errors": errors}
+        return await for_each(self._registry.resolve_all(names), verb, operation)
+
+
+async def for_each(targets: list[Target], verb: str,
+                   operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
+    """Run `operation` on every target at once; one result per target (see the top)."""
+    outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
+    done: list[Json] = []
+    errors: list[Json] = []
+    results: list[Json] = []
+    failures: list[BaseException] = []
+    for resolved, outcome in zip(targets, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, PmxError):
+                raise outcome
+            failures.append(outcome)
+            errors.append(str(outcome))
+            results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
+            continue
+        done.append(resolved.label)
+        errors.extend(outcome or [])
+        results.append({"target": resolved.label, "ok": True})
+    if failures and len(failures) == len(targets):
+        raise failures[0]
+    return {verb: done, "results": results, "errors": errors}
 
 
 def _with_args(handler: Callable[[Args], Awaitable[JsonObject]]) -> Handler:
@@ -446,28 +394,3 @@ def _with_args(handler: Callable[[Args], Awaitable[JsonObject]]) -> Handler:
 
     handle.__doc__ = handler.__doc__
     return handle
-
-
-def _specs_from_request(tables: list[Json]) -> list[AppSpec]:
-    """Validate the app tables a client sent; a bad one refuses the whole request."""
-    specs: list[AppSpec] = []
-    for index, table in enumerate(tables):
-        if not isinstance(table, dict):
-            raise CommandError("bad_args", f"apps[{index}] must be an object")
-        try:
-            specs.append(spec_from_table(table, source=f"request apps[{index}]"))
-        except ConfigError as exc:
-            raise CommandError("bad_args", str(exc)) from None
-    return specs
-
-
-def _json_table(table: Mapping[str, object]) -> JsonObject:
-    result: JsonObject = {}
-    for key, value in table.items():
-        if isinstance(value, str | int | float | bool) or value is None:
-            result[key] = value
-        elif isinstance(value, list):
-            result[key] = [str(v) for v in value]
-        elif isinstance(value, dict):
-            result[key] = {str(k): str(v) for k, v in value.items()}
-    return result

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AppSpec
+from .logs import read_available
 from .protocol import Json
 
 log = logging.getLogger(__name__)
@@ -183,12 +184,9 @@ class NodeChannel:
         return True
 
     def _on_readable(self) -> None:
-        try:
-            chunk = self._ours.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        chunk = read_available(lambda: self._ours.recv(65536))
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.close()
             return

@@ -179,12 +179,9 @@ class PipeReader:
         loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
-        try:
-            chunk = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
+        chunk = read_available(lambda: os.read(self.fd, READ_CHUNK))
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.close()
             return
@@ -217,6 +214,17 @@ class PipeReader:
         os.close(self.fd)
         self.fd = -1
         self._on_close(self)
+
+
+def read_available(read: Callable[[], bytes]) -> bytes | None:
+    """One non-blocking read: the bytes, b"" at end of file (or on an error, which ends
+    the stream the same way), None when nothing is there yet."""
+    try:
+        return read()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _split_long(line: bytes) -> list[bytes]:
