@@ -35,6 +35,7 @@ from .errors import SpawnError
 log = logging.getLogger(__name__)
 
 BACKLOG = 4096  # capped by net.core.somaxconn
+MAX_LEARNED = 16  # sockets pmxd takes from one drop-in app (a hostile app could ask for more)
 ACCEPT_POLL_S = 0.02  # how often a starting instance is checked for accepting
 SERVED_LOOKS_S = (1.0, 2.0, 4.0)  # pauses between the looks for addresses nobody serves
 
@@ -220,6 +221,10 @@ class AppSockets:
             if held.unix_path is None and held.sock.getsockname()[1] == report.port \
                     and FAMILIES.get(held.sock.family) == report.family:
                 return  # already ours (another instance reported it first)
+        if len(self.shared) >= MAX_LEARNED:
+            log.warning("%s: not taking %s: an app shares at most %d learned sockets",
+                        self.app, report.address, MAX_LEARNED)
+            return
         try:
             if report.pid in (None, pid):
                 sock = take_socket(pidfd, report.fd)
@@ -230,6 +235,11 @@ class AppSockets:
                     sock = take_socket(other, report.fd)
                 finally:
                     os.close(other)
+            # The report comes from the app: believe the socket, not the message.
+            if sock.getsockname()[1] != report.port or FAMILIES.get(sock.family) != report.family \
+                    or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.close()
+                raise OSError(f"fd {report.fd} is not a socket listening on {report.address}")
             sock.listen(BACKLOG)  # the app may have asked for a small backlog
         except OSError as exc:
             log.warning("%s: cannot take the socket of %s from the app (%s); other "

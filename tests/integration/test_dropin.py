@@ -232,3 +232,30 @@ def test_a_program_that_cannot_share_its_port_gets_one_clear_error(pmx: Pmx) -> 
     errored = [r for r in rows if r["status"] == "errored"]
     assert len(errored) == 1 and "port is already in use" in errored[0]["reason"]
     assert all(r["restarts"] < 5 for r in rows), "no crash loop"
+
+
+def test_a_lying_listen_report_is_not_believed(pmx: Pmx) -> None:
+    # A report comes from the app, which may be hostile: pmxd checks the socket it takes.
+    real, claimed = free_port(), free_port()
+    app = pmx.write("liar.py", f"""
+import _socket, os, socket, time
+s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)  # below the preload's reach
+s.bind(("127.0.0.1", {real}))
+s.listen(5)
+lie = f"PMX_LISTENING=inet/0.0.0.0/{claimed}\\nPMX_LISTEN_FD={{s.fileno()}}\\nPMX_ADOPTED=0"
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+    notify.sendto(lie.encode(), os.environ["NOTIFY_SOCKET"])
+time.sleep(60)
+""")
+    eco = pmx.write("liar.toml", f"""
+[[apps]]
+name = "liar"
+script = "{app}"
+exec_mode = "cluster"
+""")
+    pmx.run("start", str(eco))
+    log = pmx.home / "pmxd.log"
+    wait_until(lambda: ("is not a socket listening on" in log.read_text(), None), timeout=15,
+               what="the lie refused")
+    described = pmx.run("describe", "liar", "--json").stdout
+    assert f":{claimed}" not in described and f":{real}" not in described
