@@ -41,6 +41,7 @@ from .render import home_relative
 
 DEFAULT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
+LIVENESS_CHECK_S = 0.25  # while waiting for a reply: how often to check pmxd still lives
 
 
 def home_path() -> Path:
@@ -63,6 +64,15 @@ def pid_alive(pid: int) -> bool:
         return not os.path.isdir("/proc")  # gone meanwhile; or no /proc at all (macOS)
     except OSError:
         return True
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T) or a tracer (t)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def lock_is_held(path: Path) -> bool:
@@ -150,10 +160,15 @@ class Client:
             deadline = time.monotonic() + timeout_s
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000)):
-                    raise DaemonUnreachable(
-                        f"pmxd did not answer {command.value} within {timeout_s:g}s "
-                        f"(home {home_relative(self.home)})")
+                if remaining <= 0:
+                    raise self._no_answer(command, timeout_s)
+                if not sock.poll(int(min(remaining, LIVENESS_CHECK_S) * 1000)):
+                    # A long command (reload: up to 600 s) must not outlive its daemon.
+                    if self.is_dead():
+                        raise DaemonUnreachable(
+                            f"pmxd died while running {command.value} (home "
+                            f"{home_relative(self.home)}); see {DAEMON_LOG} there")
+                    continue
                 frames = sock.recv_multipart()
                 try:
                     reply = decode_reply(frames[-1])
@@ -172,6 +187,21 @@ class Client:
         finally:
             sock.close(linger=0)
 
+    def daemon_pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _no_answer(self, command: Command, timeout_s: float) -> DaemonUnreachable:
+        """The daemon lives but did not answer in time: say which one, and whether it is
+        stopped (SIGSTOP, a debugger) rather than just slow."""
+        pid = self.daemon_pid()
+        who = f"pmxd (pid {pid})" if pid is not None else "pmxd"
+        how = " and is stopped (SIGSTOP?); kill -CONT it" if pid is not None and _stopped(pid) else ""
+        return DaemonUnreachable(f"{who} did not answer {command.value} within {timeout_s:g}s"
+                                 f"{how} (home {home_relative(self.home)})")
+
     def _check_access(self) -> None:
         """Say "permission denied" at once instead of timing out against a daemon whose
         socket filter (IPC_FILTER_UID) silently drops other users' connections."""
@@ -187,6 +217,8 @@ class Client:
         """Start pmxd when none answers; True when this call started it."""
         if self.is_running():
             return False
+        if self.has_daemon_files() and not self.is_dead():
+            raise self._no_answer(Command.PING, 2.0)  # alive and locked: starting another fails
         result = subprocess.run(
             [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(self.home)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

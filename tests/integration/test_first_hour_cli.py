@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pmx.supervisor.options import OPTIONS
 
-from tests.conftest import CLI, Pmx, app_path, free_port, pid_alive, wait_until
+from tests.conftest import CLI, Pmx, app_path, free_port, pid_alive, pid_cluster_toml, wait_until
 
 CLIENT_TIMEOUT_S = 5.0  # cli/client.py DEFAULT_TIMEOUT_S: what a dead pmxd used to cost
 
@@ -460,3 +460,44 @@ port = {port}
 def test_pmx_alone_prints_the_help(pmx: Pmx) -> None:
     result = pmx.run()
     assert result.stdout.startswith("Usage: pmx") and "start" in result.stdout, result
+
+
+def test_a_command_waiting_on_a_pmxd_that_dies_exits_3_at_once(pmx: Pmx) -> None:
+    # Issue 16 item 11: a reload waits up to 600 s for its reply; it must not outlive pmxd.
+    port = free_port()
+    eco = pmx.write("slow.toml", pid_cluster_toml("slow", port, instances=2, extra=(
+        'wait_ready = true\nlisten_timeout = "60s"\nenv = { NOTIFY = "0" }')))
+    pmx.run("start", str(eco))
+    daemon = pmx.daemon_pid()
+    assert daemon is not None
+    reload = subprocess.Popen([*CLI, "reload", "slow"], env=pmx.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        log = pmx.home / "pmxd.log"
+        wait_until(lambda: ("launching" in log.read_text(), None), timeout=15,
+                   what="the reload waiting for its replacement")
+        os.kill(daemon, signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = reload.communicate(timeout=20)
+        assert time.monotonic() - started < 10
+        assert reload.returncode == 3 and "pmxd died while running reload" in stderr
+    finally:
+        if reload.poll() is None:
+            reload.kill()
+            reload.wait()
+        pmx.start_daemon()  # a new pmxd stops what the killed one left; teardown stops it
+
+
+def test_a_stopped_pmxd_is_named_as_not_answering(pmx: Pmx) -> None:
+    # Issue 16 item 13: SIGSTOPped pmxd: say which pmxd does not answer, not "already running".
+    pmx.start_daemon()
+    daemon = pmx.daemon_pid()
+    assert daemon is not None
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        result = pmx.run("start", app_path("idle.py"), check=False, timeout=30)
+        assert result.returncode == 3
+        assert f"pmxd (pid {daemon}) did not answer" in result.stderr
+        assert "stopped" in result.stderr and "already running" not in result.stderr
+    finally:
+        os.kill(daemon, signal.SIGCONT)
