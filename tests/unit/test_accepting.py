@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +46,13 @@ def run(code: str, fd: int) -> subprocess.Popen[bytes]:
                             start_new_session=True)
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Kill the process and whatever it forked (each runs in a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def settles(pid: int, inode: int, expected: bool, seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -58,8 +68,7 @@ def test_a_process_waiting_for_connections_is_seen(listening: socket.socket, way
     try:
         assert settles(process.pid, socket_inode(listening.fileno()), True), way
     finally:
-        process.kill()
-        process.wait()
+        stop(process)
 
 
 def test_holding_the_socket_is_not_accepting(listening: socket.socket) -> None:
@@ -70,8 +79,7 @@ def test_holding_the_socket_is_not_accepting(listening: socket.socket) -> None:
         assert settles(process.pid, inode, False)
         assert not settles(process.pid, inode, True, seconds=0.5)
     finally:
-        process.kill()
-        process.wait()
+        stop(process)
 
 
 def test_another_socket_is_not_this_one(listening: socket.socket) -> None:
@@ -83,8 +91,7 @@ def test_another_socket_is_not_this_one(listening: socket.socket) -> None:
             assert settles(process.pid, socket_inode(other.fileno()), True)
             assert not is_accepting(process.pid, [socket_inode(listening.fileno())])
         finally:
-            process.kill()
-            process.wait()
+            stop(process)
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -95,8 +102,7 @@ def test_node_serving_on_the_socket_is_seen(listening: socket.socket) -> None:
     try:
         assert settles(process.pid, socket_inode(fd), True)
     finally:
-        process.kill()
-        process.wait()
+        stop(process)
 
 
 def test_a_gone_process_is_not_accepting() -> None:
