@@ -29,6 +29,7 @@ from pmx.supervisor.home import (
     default_home,
 )
 from pmx.supervisor.protocol import (
+    MAX_MESSAGE_BYTES,
     Command,
     JsonObject,
     Request,
@@ -152,11 +153,18 @@ class Client:
             raise self.not_running()
         self._check_access()
         request = Request(command, args or {})
+        data = encode_request(request)
+        if len(data) > MAX_MESSAGE_BYTES:
+            # pmxd's socket drops a message over its limit unread, so it could not even
+            # say no: refuse here, at once.
+            raise CommandError("too_large", f"the {command.value} request is {len(data):,} bytes, "
+                                            f"over pmx's {MAX_MESSAGE_BYTES:,} byte limit; "
+                                            "large environments or env values are the usual cause")
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(f"ipc://{self.rpc_path}")
-            sock.send(encode_request(request))
+            sock.send(data)
             deadline = time.monotonic() + timeout_s
             while True:
                 remaining = deadline - time.monotonic()

@@ -40,8 +40,9 @@ class NotifySocket:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind(self.path)
-        # Apps may run as other users (user = "..."): they must be able to send.
-        os.chmod(self.path, 0o622)
+        # Like everything in the home: the home is 0700, so an app run as another user
+        # (user = "...") could not reach it anyway, and a looser mode would only show.
+        os.chmod(self.path, 0o600)
         self._sock.setblocking(False)
         loop.add_reader(self._sock.fileno(), self._on_readable)
 

@@ -501,3 +501,17 @@ def test_a_stopped_pmxd_is_named_as_not_answering(pmx: Pmx) -> None:
         assert "stopped" in result.stderr and "already running" not in result.stderr
     finally:
         os.kill(daemon, signal.SIGCONT)
+
+
+def test_an_oversized_request_is_refused_at_once_in_one_line(pmx: Pmx) -> None:
+    # Issue 16 item 10: 11 env values of 100 KB made `pmx start` wait 60 s for nothing.
+    pmx.start_daemon()
+    for number in range(11):
+        pmx.env[f"BIG_{number}"] = "x" * 100_000
+    started = time.monotonic()
+    result = pmx.run("start", app_path("idle.py"), check=False, timeout=60)
+    assert time.monotonic() - started < 10
+    assert result.returncode != 0
+    assert "over pmx's 1,048,576 byte limit" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert pmx.run("ping").returncode == 0

@@ -57,16 +57,15 @@ def test_home_sockets_logs_and_dump_stay_private_under_umask_000() -> None:
         expected = {
             home: 0o700, home / "rpc.sock": 0o600, home / "pub.sock": 0o600,
             home / "logs": 0o700, out_log(pmx, "idle"): 0o600, home / "dump.toml": 0o600,
-            home / "pmxd.log": 0o600, home / "pmxd.pid": 0o600,
+            home / "pmxd.log": 0o600, home / "pmxd.pid": 0o600, home / "notify.sock": 0o600,
         }
         found = {str(path): (oct(stat.S_IMODE(os.lstat(path).st_mode)), os.lstat(path).st_uid)
                  for path in expected}
         assert found == {str(path): (oct(mode), uid) for path, mode in expected.items()}
-        # And nothing else in the home is open to group or others, or someone else's;
-        # notify.sock is 0622 on purpose (apps run with `user` must be able to send).
+        # And nothing else in the home is open to group or others, or someone else's.
         loose = {str(path): oct(stat.S_IMODE(os.lstat(path).st_mode))
-                 for path in home.rglob("*") if path.name != "notify.sock"
-                 and (os.lstat(path).st_mode & 0o077 or os.lstat(path).st_uid != uid)}
+                 for path in home.rglob("*")
+                 if os.lstat(path).st_mode & 0o077 or os.lstat(path).st_uid != uid}
         assert loose == {}
     finally:
         problems = pmx.cleanup()
