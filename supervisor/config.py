@@ -169,10 +169,12 @@ def parse_app(
         if required not in values:
             raise ConfigError(f'{where}: missing key "{required}" (a non-empty string)')
     name = str(values["name"])
-    if not NAME_PATTERN.fullmatch(name) or name == "all" or name.isdigit():
+    # A name of digits only is allowed, as in PM2 (its issue #1937): a target is looked
+    # up as a name before it is taken for an instance id.
+    if not NAME_PATTERN.fullmatch(name) or name == "all":
         raise ConfigError(
-            f'{where}: name must be letters, digits and "_.@-" (at most 64, not "all" '
-            f"and not a number), got {_describe(name)}"
+            f'{where}: name must be letters, digits and "_.@-" (at most 64, not "all"), '
+            f"got {_describe(name)}"
         )
     if env_name is not None and env_name in env_overlays:
         merged = dict(parse_env(values.get("env", {})))

@@ -515,3 +515,15 @@ def test_an_oversized_request_is_refused_at_once_in_one_line(pmx: Pmx) -> None:
     assert "over pmx's 1,048,576 byte limit" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert pmx.run("ping").returncode == 0
+
+
+def test_a_numeric_app_name_is_a_name_before_it_is_an_id(pmx: Pmx) -> None:
+    # Issue 17 item 3, as PM2 (its issue #1937): `--name 455` is accepted, and a target is
+    # looked up as a name first. Here app "1" exists while id 1 is another app's instance.
+    pmx.run("start", app_path("idle.py"), "--name", "first")  # id 0
+    pmx.run("start", app_path("idle.py"), "--name", "other")  # id 1
+    pmx.run("start", app_path("idle.py"), "--name", "1")      # id 2
+    result = pmx.run("stop", "1")
+    assert "stopped: 1" in result.stdout
+    statuses = {row["name"]: row["status"] for row in pmx.list()}
+    assert statuses == {"first": "online", "other": "online", "1": "stopped"}

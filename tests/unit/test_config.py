@@ -187,12 +187,12 @@ def test_bad_stop_signal_is_rejected(value: object) -> None:
     rejected("stop_signal", value)
 
 
-@pytest.mark.parametrize("name", ["api", "api-v2", "a_b.c@d", "x" * 64, "0api"])
+@pytest.mark.parametrize("name", ["api", "api-v2", "a_b.c@d", "x" * 64, "0api", "455"])
 def test_good_names_are_accepted(name: str) -> None:
     assert app(name=name).name == name
 
 
-@pytest.mark.parametrize("name", ["all", "a b", "42", "x" * 65, "-api", ".api", "api/v2", "é"])
+@pytest.mark.parametrize("name", ["all", "a b", "x" * 65, "-api", ".api", "api/v2", "é"])
 def test_bad_names_are_rejected(name: str) -> None:
     with pytest.raises(ConfigError, match=r"name must be letters, digits"):
         app(name=name)
