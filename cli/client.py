@@ -28,6 +28,7 @@ from pmx.supervisor.home import (
     RPC_SOCKET,
     default_home,
 )
+from pmx.supervisor.procfs import read_stat
 from pmx.supervisor.protocol import (
     MAX_MESSAGE_BYTES,
     Command,
@@ -58,22 +59,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return not os.path.isdir("/proc")  # gone meanwhile; or no /proc at all (macOS)
-    except OSError:
-        return True
+    if not os.path.isdir("/proc"):
+        return True  # no /proc (macOS): the signal probe is all we have
+    stat = read_stat(pid)
+    return stat is not None and stat.state != "Z"
 
 
 def _stopped(pid: int) -> bool:
     """The process is stopped by a signal (state T) or a tracer (t)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
+    stat = read_stat(pid)
+    return stat is not None and stat.state in ("T", "t")
 
 
 def lock_is_held(path: Path) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -132,12 +133,16 @@ def preload_env(spec: AppSpec, sockets: Sequence[socket.socket], base_env: Mappi
     return env
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def take_socket(pidfd: int, fd: int) -> socket.socket:
     """A copy of the socket at `fd` in the process behind `pidfd` (Linux 5.6+).
 
     Raises OSError (EPERM when not allowed to ptrace it, EBADF for a wrong fd)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    copied = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    copied = _libc().syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     if copied < 0:
         number = ctypes.get_errno()
         raise OSError(number, os.strerror(number))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from pmx.supervisor.procfs import process_start_time
 
 T = TypeVar("T")
 APPS = Path(__file__).parent / "apps"
@@ -46,21 +47,16 @@ def processes_with_env(marker: bytes) -> list[int]:
         try:
             with open(f"/proc/{entry}/environ", "rb") as file:
                 environ = file.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as file:
-                state = file.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker in environ and state != b"Z":
+        if marker in environ and pid_alive(int(entry)):
             found.append(int(entry))
     return found
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
+    """The process exists and is not a zombie."""
+    return process_start_time(pid) is not None
 
 
 class Pmx:

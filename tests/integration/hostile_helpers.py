@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import pytest
 import tomli_w
 import zmq
+from pmx.supervisor.procfs import read_stat
 
 from tests.conftest import Pmx, wait_until
 
@@ -27,12 +32,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 def proc_state(pid: int) -> tuple[str, int] | None:
     """(state letter, ppid) of a process, or None when it is gone (reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0].decode(), int(fields[1])
+    stat = read_stat(pid)
+    return None if stat is None else (stat.state, stat.ppid)
 
 
 def zombie_children(parent: int) -> list[int]:
@@ -165,3 +166,32 @@ def wait_log_match(path: Path, pattern: str, *, timeout: float = 10) -> re.Match
 
 def out_log(pmx: Pmx, app: str, index: int = 0) -> Path:
     return pmx.home / "logs" / f"{app}-out-{index}.log"
+
+
+# ---------------------------------------------------------------- terminals
+
+
+def read_pty(argv: list[str], env: dict[str, str], timeout: float = 30) -> bytes:
+    """Run a command on a pseudo-terminal; everything it wrote."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side is closed
+                    break
+                if not data:
+                    break
+                output += data
+            elif process.poll() is not None and not select.select([master], [], [], 0)[0]:
+                break
+    finally:
+        os.close(master)
+        process.wait(timeout=10)
+    assert process.returncode == 0, output[-2000:]
+    return output

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import signal
 import subprocess
 import time
@@ -19,6 +17,7 @@ import pytest
 from pmx.supervisor.options import OPTIONS
 
 from tests.conftest import CLI, Pmx, app_path, free_port, pid_alive, pid_cluster_toml, wait_until
+from tests.integration.hostile_helpers import read_pty
 
 CLIENT_TIMEOUT_S = 5.0  # cli/client.py DEFAULT_TIMEOUT_S: what a dead pmxd used to cost
 
@@ -366,33 +365,6 @@ sys.stdout.flush()
 while True:
     time.sleep(3600)
 """
-
-
-def read_pty(argv: list[str], env: dict[str, str], timeout: float = 30) -> bytes:
-    """Everything a command wrote to a pseudo-terminal."""
-    master, slave = pty.openpty()
-    process = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave)
-    os.close(slave)
-    output = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([master], [], [], 0.05)[0]:
-                if process.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not data:
-                break
-            output += data
-    finally:
-        os.close(master)
-        process.wait(timeout=10)
-    assert process.returncode == 0, output[-2000:]
-    return output
 
 
 def test_logs_on_a_terminal_keep_colours_and_neutralise_the_rest(pmx: Pmx) -> None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import time
@@ -31,6 +28,7 @@ from tests.integration.hostile_helpers import (
     log_text,
     out_log,
     proc_state,
+    read_pty,
     rss,
     settled,
     thread_count,
@@ -205,32 +203,6 @@ def test_missing_executable_is_errored_at_once_saying_not_found(pmx: Pmx,
 
 
 # ---------------------------------------------------------------- 12. hostile output
-
-
-def read_pty(argv: list[str], env: dict[str, str], timeout: float = 30) -> bytes:
-    """Run a command on a pseudo-terminal; everything it wrote."""
-    master, slave = pty.openpty()
-    process = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave)
-    os.close(slave)
-    output = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if select.select([master], [], [], 0.05)[0]:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the other side is closed
-                    break
-                if not data:
-                    break
-                output += data
-            elif process.poll() is not None and not select.select([master], [], [], 0)[0]:
-                break
-    finally:
-        os.close(master)
-        process.wait(timeout=10)
-    assert process.returncode == 0, output[-2000:]
-    return output
 
 
 def test_hostile_output_is_kept_in_the_log_and_neutralised_on_a_terminal(pmxd: Pmx) -> None:

@@ -29,6 +29,7 @@ from pmx.supervisor.config import AppSpec, parse_app
 from pmx.supervisor.daemon import unignore_signals
 from pmx.supervisor.errors import IllegalTransition, SpawnError
 from pmx.supervisor.process import Instance, next_restart_delay
+from pmx.supervisor.procfs import read_stat
 from pmx.supervisor.states import State
 
 SLEEPER: Mapping[str, object] = {"script": "/bin/sleep", "args": ["30"]}
@@ -48,11 +49,8 @@ def exited(code: int) -> int:
 
 def gone(pid: int) -> bool:
     """True when `pid` no longer runs: absent, or a zombie its parent has not reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except OSError:
-        return True
+    stat = read_stat(pid)
+    return stat is None or stat.state in ("Z", "X")
 
 
 def constant(app_spec: AppSpec) -> Callable[[], AppSpec]:
