@@ -31,8 +31,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import psutil
-
 from . import __version__, sdnotify
 from .app import AppGroup
 from .commands import Commands
@@ -46,6 +44,7 @@ from .home import (
     DUMP_FILE,
     LOGS_DIR,
     NOTIFY_SOCKET,
+    SPAWN_JOURNAL,
     STATE_FILE,
     HomeLock,
     default_home,
@@ -61,6 +60,7 @@ from .reaper import Reaper, become_subreaper
 from .recovery import Recovery, StateFile, exec_new_version
 from .registry import Registry
 from .states import ENDED, State
+from .watch import AutoReload
 
 log = logging.getLogger("pmx.supervisor")
 
@@ -83,18 +83,23 @@ class Daemon:
         self.fd_limit = raise_fd_limit()
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self.registry = Registry(self._make_app)
+        self.state_file = StateFile(home / STATE_FILE, home / SPAWN_JOURNAL,
+                                    lambda: self.registry, self.loop)
+        self.registry = Registry(self._make_app, on_change=self.state_file.apps_changed)
         self.log_files = LogFiles()
         self.reaper = Reaper(self.loop)
-        self.state_file = StateFile(home / STATE_FILE, lambda: self.registry, self.loop)
-        self.recovery = Recovery(home / STATE_FILE)
-        self.control = ControlServer(home, Commands(self).handlers())
+        self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL)
+        commands = Commands(self)
+        self.control = ControlServer(home, commands.handlers())
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
                                    echo=runtime_mode)
         self.monitor = ResourceMonitor(lambda: self.registry, interval_s=monitor_interval_s,
                                        publish=self.control.publish, app_event=self.publish_event)
         self.notify = NotifySocket(self.loop, home / NOTIFY_SOCKET, self._on_notify)
         self.notify_socket_path: str | None = self.notify.path
+        self.auto_reload = AutoReload(self.loop, lambda: self.registry, self.registry.get,
+                                      commands.reload_because, home)
+        self._stray_markers: set[bytes] = set()
 
     def _make_app(self, spec: AppSpec, base_env: Mapping[str, str]) -> AppGroup:
         app = AppGroup(spec, base_env=base_env, runtime=self, logs_dir=self.home / LOGS_DIR,
@@ -105,7 +110,8 @@ class Daemon:
     # ------------------------------------------------------------ Runtime for instances
 
     def publish_state(self, instance: Instance) -> None:
-        self.state_file.changed(instance)
+        self.state_file.changed()
+        self.auto_reload.changed()  # watch and cron follow what runs
         if self.runtime_mode and instance.state in ENDED:
             self.loop.call_soon(self._exit_when_all_ended)
         self.control.publish(event_topic(instance.app), {
@@ -116,6 +122,8 @@ class Daemon:
         })
 
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
+        """A process was just spawned: journal its pid first, then watch for its exit."""
+        self.state_file.spawned(instance)
         self.reaper.watch(pid, pidfd, instance.on_exit)
 
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None:
@@ -131,22 +139,15 @@ class Daemon:
             self.monitor.forget(instance.pid)
 
     def kill_strays(self, run_id: str) -> None:
-        """SIGKILL our children that carry this spawn's marker but are not watched: they
-        escaped the app's process group with setsid() and were re-parented to us."""
-        marker = f"PMX_RUN_ID={run_id}".encode()
-        watched = self.reaper.watched_pids()
-        for child in psutil.Process().children():
-            if child.pid in watched:
-                continue
-            try:
-                with open(f"/proc/{child.pid}/environ", "rb") as file:
-                    if marker not in file.read().split(b"\0"):
-                        continue
-                os.kill(child.pid, signal.SIGKILL)
-                log.warning("killed pid %d, which escaped its app's process group (%s)",
-                            child.pid, run_id)
-            except OSError:
-                continue
+        """Queue a sweep for processes of this spawn that escaped its group (one sweep per
+        loop turn, however many instances ended in it: `stop all` of 1,000 is one scan)."""
+        if not self._stray_markers:
+            self.loop.call_soon(self._sweep_strays)
+        self._stray_markers.add(f"PMX_RUN_ID={run_id}".encode())
+
+    def _sweep_strays(self) -> None:
+        markers, self._stray_markers = self._stray_markers, set()
+        self.reaper.kill_escaped(markers)
 
     # ------------------------------------------------------------ for the commands
 
@@ -247,6 +248,7 @@ class Daemon:
         background = [self.loop.create_task(self.monitor.run()),
                       self.loop.create_task(self._watchdog_loop())]
         await self._stopping.wait()
+        await self.auto_reload.close()
         _tell_systemd("STOPPING=1")
         log.info("pmxd stopping: stopping %d apps", len(self.registry))
         await self.stop_all()

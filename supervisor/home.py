@@ -33,6 +33,7 @@ LOCK_FILE = "pmxd.lock"
 PID_FILE = "pmxd.pid"
 DAEMON_LOG = "pmxd.log"
 STATE_FILE = "state.json"
+SPAWN_JOURNAL = "spawned.jsonl"  # pids spawned since state.json was last written
 DUMP_FILE = "dump.toml"
 LOGS_DIR = "logs"
 

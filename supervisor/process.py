@@ -29,6 +29,7 @@ from typing import Protocol
 from .config import AppSpec
 from .dropin import ListenReport, NodeChannel, uses_preload
 from .errors import IllegalTransition, SpawnError
+from .procfs import process_start_time
 from .protocol import Json
 from .spawn import Identity, Inheritance, spawn
 from .states import MOVES, RUNNING, State
@@ -108,6 +109,7 @@ class Instance:
         self.since = time.time()
         self.pid: int | None = None
         self.pidfd: int | None = None
+        self.start_time: int | None = None  # the kernel's, of pid: a recycled pid differs
         self.started_at: float | None = None  # monotonic, for uptime
         self.restarts = 0
         self.unstable_restarts = 0
@@ -161,6 +163,11 @@ class Instance:
         self.restarts += 1
         self.unstable_restarts = 0
 
+    def reset_counters(self) -> None:
+        """`pmx reset`: both counters to 0, published like a state change."""
+        self.restarts = self.unstable_restarts = 0
+        self._runtime.publish_state(self)
+
     def succeed(self, old: Instance) -> None:
         """This instance replaces `old` in its slot: one more restart of that slot."""
         self.restarts = old.restarts + 1
@@ -208,6 +215,7 @@ class Instance:
         self.run_id = spawned.run_id
         self.pid = spawned.popen.pid
         self.pidfd = os.pidfd_open(self.pid)
+        self.start_time = process_start_time(self.pid)  # names this process for good
         self.started_at = time.monotonic()
         self._exited = self._runtime.loop.create_future()
         self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)

@@ -6,6 +6,7 @@ parentheses, so the fields are counted from the *last* ")".
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -33,3 +34,24 @@ def process_start_time(pid: int) -> int | None:
     if stat is None or stat.state == "Z":
         return None
     return stat.start_time
+
+
+def children_of(pid: int) -> list[int] | None:
+    """The pids of a process's children, from each of its threads' children list (a
+    child belongs to the thread that forked it; an orphan re-parented to a subreaper, to
+    any of its threads). None where the kernel has no such list (CONFIG_PROC_CHILDREN)."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    children: list[int] = []
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children", "rb") as file:
+                children.extend(int(field) for field in file.read().split())
+        except FileNotFoundError:
+            if thread == str(pid):
+                return None  # the main thread has none: not this kernel's feature
+        except OSError:
+            continue  # the thread ended meanwhile
+    return children

@@ -3,9 +3,13 @@
 Each instance's main process is watched through its pidfd on the event loop: the pidfd
 becomes readable when the process exits, and `waitid(P_PIDFD)` reaps exactly that child.
 Because pmxd is a child subreaper, processes that apps double-fork are re-parented to
-pmxd when their parent dies; SIGCHLD reaps those strays with `waitpid(-1, WNOHANG)`.
-A watched child reaped by that loop first is dispatched the same way, so no exit is
-lost whichever path sees it first.
+pmxd when their parent dies; SIGCHLD reaps those strays. A watched child seen by that
+loop first is dispatched the same way, so no exit is lost whichever path sees it first.
+
+An exit handler runs *before* its child is reaped (waitid with WNOWAIT): while the
+zombie exists its pid cannot be reused, so killing what is left of its process group
+by that number can never hit an unrelated process (a group is never signalled by
+number after its leader was reaped).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+
+import psutil
+
+from .procfs import children_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,9 @@ class Reaper:
         if entry is None:
             return
         try:
-            result = os.waitid(os.P_PIDFD, entry[0], os.WEXITED | os.WNOHANG)
+            # WNOWAIT: learn the status but leave the zombie, so that the pid (and so its
+            # process group's id) cannot be reused while the exit handler kills the group.
+            result = os.waitid(os.P_PIDFD, entry[0], os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return  # reaped by reap_strays, which dispatched it
         if result is None:
@@ -61,28 +71,58 @@ class Reaper:
         self._dispatch(pid, _status_from_waitid(result))
 
     def _dispatch(self, pid: int, status: int) -> None:
+        """Run the exit handler of an exited, not yet reaped, child; then reap it."""
         entry = self._watched.pop(pid, None)
-        if entry is None:
-            return
-        self._loop.remove_reader(entry[0])
+        if entry is not None:
+            self._loop.remove_reader(entry[0])
+            try:
+                entry[1](status)
+            except Exception:
+                log.exception("bug: exit handler for pid %d failed", pid)
         try:
-            entry[1](status)
-        except Exception:
-            log.exception("bug: exit handler for pid %d failed", pid)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    def kill_escaped(self, markers: set[bytes]) -> None:
+        """SIGKILL our children that carry one of these spawn markers (PMX_RUN_ID=...) but
+        are not watched: they escaped their app's process group with setsid() and were
+        re-parented to us (a subreaper). Only unwatched children's environ is read."""
+        children = children_of(os.getpid())
+        if children is None:
+            children = [child.pid for child in psutil.Process().children()]
+        for pid in children:
+            if pid in self._watched:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as file:
+                    found = markers.intersection(file.read().split(b"\0"))
+                if not found:
+                    continue
+                os.kill(pid, signal.SIGKILL)
+                log.warning("killed pid %d, which escaped its app's process group (%s)",
+                            pid, next(iter(found)).decode(errors="replace"))
+            except OSError:
+                continue
 
     def reap_strays(self) -> None:
         """SIGCHLD: reap every exited child; watched ones are dispatched, others logged."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                result = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if result is None or result.si_pid == 0:
                 return
+            pid = result.si_pid
             if pid in self._watched:
-                self._dispatch(pid, status)
+                self._dispatch(pid, _status_from_waitid(result))
             else:
-                log.debug("reaped stray pid %d (%s)", pid, status)
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                log.debug("reaped stray pid %d (%s)", pid, result.si_status)
 
 
 def _status_from_waitid(result: os.waitid_result) -> int:

@@ -1,12 +1,16 @@
 """Never losing track of a process: the live state file, crash recovery, `pmx update`.
 
-pmxd rewrites home/state.json whenever an instance starts or stops: which apps run
-(their full settings and environment) and, per instance, the pid and the kernel's start
-time of that pid. A new pid is written at once (before anything else can happen to
-pmxd); other changes are coalesced to one write per loop turn.
+pmxd keeps two files in its home while it runs:
+- `spawned.jsonl`, the spawn journal: one line per process, appended the moment it is
+  spawned (pid, the kernel's start time of that pid, how to stop it). An append is O(1),
+  so a start of 1,000 instances costs 1,000 short writes, not 1,000 rewrites of
+  everything; and the pid is on disk before anything else can happen to pmxd.
+- `state.json`, the snapshot: which apps run (their full settings and environment) and
+  every live process. It is rewritten at most once per SNAPSHOT_INTERVAL_S, and at once
+  when the set of apps changes; each rewrite empties the journal.
 
 When a pmxd dies (SIGKILL, OOM) and a new one starts on the same home, `Recovery`
-reads the file, stops every recorded process that is still alive *and* still the same
+reads both, stops every recorded process that is still alive *and* still the same
 process (same start time, so a recycled pid is never touched), then starts the apps
 again. The choice is to stop, not re-adopt: the old daemon's end closed the pipes
 carrying the apps' output and the sockets' owner is gone, so a re-adopted app would log
@@ -21,6 +25,8 @@ image takes them over and connections wait in the backlog instead of being refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,34 +43,64 @@ from .errors import PmxError
 from .process import Instance
 from .procfs import process_start_time
 from .sockets import AppSockets, ListenSocket
-from .states import ENDED, State
+from .states import ENDED
 
 log = logging.getLogger(__name__)
 
 StartSpecs = Callable[[list[AppSpec], Mapping[str, str]], Awaitable[object]]
 
 
-class StateFile:
-    """home/state.json, kept true while pmxd runs; removed by a clean stop."""
+SNAPSHOT_INTERVAL_S = 0.1  # at most this often is state.json rewritten while busy
 
-    def __init__(self, path: Path, apps: Callable[[], Iterable[AppGroup]],
+
+class StateFile:
+    """home/state.json and its spawn journal, kept true while pmxd runs; both removed
+    by a clean stop."""
+
+    def __init__(self, path: Path, journal_path: Path, apps: Callable[[], Iterable[AppGroup]],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.path = path
+        self.journal_path = journal_path
         self._apps = apps
         self._loop = loop
-        self._write_pending = False
+        self._write_pending: asyncio.Handle | None = None
+        self._journal_fd: int | None = None
+        self._failures = _RateLimitedWarning()
 
-    def changed(self, instance: Instance) -> None:
-        if instance.state in (State.STARTING, State.LAUNCHING):
-            self.write_now()  # a new pid: on disk before anything else can happen
-        elif not self._write_pending:
-            self._write_pending = True
-            self._loop.call_soon(self.write_now)
+    def spawned(self, instance: Instance) -> None:
+        """A new process: appended to the journal before anything else happens."""
+        entry = _process_entry(instance)
+        if entry is None:
+            return
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        try:
+            if self._journal_fd is None:
+                self._journal_fd = os.open(
+                    self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                    0o600)
+            if os.write(self._journal_fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            self._failures.warn(f"cannot append to {self.journal_path}: {exc.strerror}")
+            self.changed()  # the snapshot will carry the pid instead
+
+    def changed(self) -> None:
+        """Something about the instances changed: a snapshot within SNAPSHOT_INTERVAL_S."""
+        if self._write_pending is None:
+            self._write_pending = self._loop.call_later(SNAPSHOT_INTERVAL_S, self.write_now)
+
+    def apps_changed(self) -> None:
+        """Apps were added or removed: a snapshot at the end of this loop turn."""
+        if self._write_pending is not None:
+            self._write_pending.cancel()
+        self._write_pending = self._loop.call_soon(self.write_now)
 
     def write_now(self, *, handing_over_sockets: bool = False) -> None:
         """Rewrite the file. `handing_over_sockets`: pmxd is about to exec itself, and the
         listening sockets' fds (made inheritable) go into the file for the new image."""
-        self._write_pending = False
+        if self._write_pending is not None:
+            self._write_pending.cancel()
+            self._write_pending = None
         apps: list[object] = []
         processes: list[object] = []
         sockets: list[object] = []
@@ -73,14 +109,9 @@ class StateFile:
             apps.append({"spec": app.spec.to_table(), "base_env": app.base_env,
                          "running": running})
             for instance in app.all_instances():
-                if instance.pid is None or instance.pidfd is None:
-                    continue
-                processes.append({
-                    "app": app.name, "instance": instance.index, "pid": instance.pid,
-                    "start_time": process_start_time(instance.pid),
-                    "stop_signal": app.spec.stop_signal,
-                    "kill_timeout_s": app.spec.kill_timeout_s,
-                })
+                entry = _process_entry(instance)
+                if entry is not None:
+                    processes.append(entry)
             if handing_over_sockets and app.sockets is not None and not app.sockets.reuse_port:
                 # reuse_port slots are bound again; only shared sockets pass
                 for item in app.sockets.shared:
@@ -92,17 +123,56 @@ class StateFile:
         try:
             _write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())
         except OSError as exc:
-            log.warning("cannot write %s: %s", self.path, exc.strerror)
+            # A full disk: keep the journal (it may still hold what the stale snapshot
+            # lacks) and try again shortly; the marker scan at recovery covers the rest.
+            self._failures.warn(f"cannot write {self.path}: {exc.strerror}; retrying")
+            self._write_pending = self._loop.call_later(1.0, self.write_now)
+            return
+        if self._journal_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal_fd, 0)  # all it held is in the snapshot now
 
     def remove(self) -> None:
+        if self._write_pending is not None:
+            self._write_pending.cancel()
+            self._write_pending = None
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         self.path.unlink(missing_ok=True)
+        self.journal_path.unlink(missing_ok=True)
+
+
+def _process_entry(instance: Instance) -> dict[str, object] | None:
+    """What a later pmxd needs to stop this process if this one dies."""
+    if instance.pid is None or instance.pidfd is None:
+        return None
+    spec = instance.spec
+    return {"app": instance.app, "instance": instance.index, "pid": instance.pid,
+            "start_time": instance.start_time, "stop_signal": spec.stop_signal,
+            "kill_timeout_s": spec.kill_timeout_s}
+
+
+class _RateLimitedWarning:
+    """One warning per distinct message per minute: a full disk must not fill the log."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(message, -self._every_s) >= self._every_s:
+            self._last[message] = now
+            log.warning("%s", message)
 
 
 class Recovery:
     """What a previous pmxd left: processes to stop, apps to start, sockets to take over."""
 
-    def __init__(self, state_path: Path) -> None:
+    def __init__(self, state_path: Path, journal_path: Path) -> None:
         self._state_path = state_path
+        self._journal_path = journal_path
         self._adopted: dict[str, AppSockets] = {}  # from our own pre-exec image
 
     def take_sockets(self, app: str) -> AppSockets | None:
@@ -111,11 +181,10 @@ class Recovery:
 
     async def recover(self, start_specs: StartSpecs) -> None:
         """A previous pmxd died without stopping its apps: stop what it left, restart it."""
-        document = _read_state(self._state_path)
-        if document is None:
-            return
-        leftovers = [entry for entry in _list(document.get("processes"))
-                     if _still_running(entry)]
+        document = _read_state(self._state_path) or {}
+        recorded = _list(document.get("processes")) + _read_journal(self._journal_path)
+        unique = {(entry.get("pid"), entry.get("start_time")): entry for entry in recorded}
+        leftovers = [entry for entry in unique.values() if _still_running(entry)]
         if leftovers:
             log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",
                         document.get("pmxd_pid"), len(leftovers))
@@ -183,6 +252,19 @@ def _read_state(path: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
+
+
+def _read_journal(path: Path) -> list[dict[str, object]]:
+    """The spawn journal's entries; a torn last line (pmxd died mid-write) is skipped."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return []
+    entries: list[object] = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line))
+    return _list(entries)
 
 
 def _list(value: object) -> list[dict[str, object]]:

@@ -37,9 +37,10 @@ class Target:
 
 
 class Registry:
-    def __init__(self, make_app: AppFactory) -> None:
+    def __init__(self, make_app: AppFactory, on_change: Callable[[], None] = lambda: None) -> None:
         self.apps: dict[str, AppGroup] = {}
         self._make_app = make_app
+        self._on_change = on_change  # an app was added or removed
         self._next_instance_id = 0
 
     def next_id(self) -> int:
@@ -57,7 +58,8 @@ class Registry:
         return self.apps.get(name)
 
     def remove(self, name: str) -> None:
-        self.apps.pop(name, None)
+        if self.apps.pop(name, None) is not None:
+            self._on_change()
 
     def instances(self) -> Iterator[Instance]:
         for app in list(self.apps.values()):
@@ -142,12 +144,13 @@ class Registry:
                 continue
             if app is None:
                 app = self.apps[spec.name] = self._make_app(spec, base_env)
+                self._on_change()
             async with app.operation("start"):
                 try:
                     problems = await app.start()
                 except SpawnError as exc:
                     if created:
-                        del self.apps[spec.name]
+                        self.remove(spec.name)
                     errors.append(str(exc))
                     continue
             errors.extend(problems)
