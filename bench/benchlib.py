@@ -23,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 HTTP_APP = REPO / "config-examples" / "apps" / "http_server.py"
 TEST_APPS = REPO / "tests" / "apps"
-CLI = [sys.executable, "-m", "pmx.cli.main"]
+CLI = [sys.executable, "-m", "pmx.cli.entry"]
 
 
 def cores_note() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -222,6 +221,8 @@ class Client:
             return False
         if self.has_daemon_files() and not self.is_dead():
             raise self._no_answer(Command.PING, 2.0)  # alive and locked: starting another fails
+        import subprocess  # only when starting pmxd: `pmx list` does not pay for it
+
         result = subprocess.run(
             [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(self.home)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

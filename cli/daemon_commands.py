@@ -25,10 +25,7 @@ from .usage import TABLE_OPTION
 @handles_errors
 def ping() -> None:
     """Is pmxd up? Its version, pid and home."""
-    result = Client().call(Command.PING, timeout_s=5)
-    click.echo(f"pmxd {result.get('version')} is up: pid {result.get('pid')}, "
-               f"home {result.get('home')}, {result.get('apps')} apps, "
-               f"up {render.human_duration(result.get('uptime'))}")
+    click.echo(render.ping_line(Client().call(Command.PING, timeout_s=5)))
 
 
 @click.command()

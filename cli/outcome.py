@@ -25,7 +25,7 @@ F = TypeVar("F", bound=Callable[..., object])
 def fail(message: str, code: ExitCode) -> None:
     """Print one line to stderr and exit with `code`."""
     # One line, and nothing a terminal would act on, whatever the daemon sent.
-    click.echo(f"pmx: {render.neutralise(' '.join(message.splitlines()))}", err=True)
+    click.echo(render.error_line(message), err=True)
     sys.exit(int(code))
 
 

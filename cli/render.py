@@ -16,6 +16,8 @@ from pathlib import Path
 from pmx.supervisor.protocol import Json, JsonObject
 from pmx.supervisor.states import State
 
+from . import table
+
 # Keyed by State, looked up with the status strings of a reply (a StrEnum equals its value).
 STATUS_STYLE: dict[str, str] = {
     State.ONLINE: "green", State.STARTING: "cyan", State.LAUNCHING: "cyan",
@@ -27,6 +29,17 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # SGR (colour and text attributes: ESC [ params m), the one sequence logs may keep.
 _SGR = re.compile(r"\x1b\[[0-9;:]{0,32}m")
 _RESET = "\x1b[0m"
+
+
+def error_line(message: str) -> str:
+    """An error as pmx prints it: one line, nothing a terminal would act on."""
+    return f"pmx: {neutralise(' '.join(message.splitlines()))}"
+
+
+def ping_line(result: Mapping[str, Json]) -> str:
+    return (f"pmxd {result.get('version')} is up: pid {result.get('pid')}, "
+            f"home {result.get('home')}, {result.get('apps')} apps, "
+            f"up {human_duration(result.get('uptime'))}")
 
 
 def print_json(value: Json) -> None:
@@ -85,46 +98,46 @@ def neutralise_keeping_colour(text: str) -> str:
     return "".join(pieces)
 
 
-def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = None) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+INSTANCE_COLUMNS = (table.Column("id", right=True), table.Column("name"), table.Column("mode"),
+                    table.Column("pid", right=True), table.Column("uptime", right=True),
+                    table.Column("↺", right=True), table.Column("status"),
+                    table.Column("cpu", right=True), table.Column("mem", right=True),
+                    table.Column("listen"))
 
-    # A light box: on an 80-column terminal every column fits, listen addresses included.
-    table = Table(title=title, header_style="bold", expand=False, box=box.SIMPLE_HEAD,
-                  pad_edge=False)
-    for column, justify in (("id", "right"), ("name", "left"), ("mode", "left"),
-                            ("pid", "right"), ("uptime", "right"), ("↺", "right"),
-                            ("status", "left"), ("cpu", "right"), ("mem", "right"),
-                            ("listen", "left")):
-        table.add_column(column, justify=justify, no_wrap=column != "listen",  # type: ignore[arg-type]
-                         overflow="fold", min_width=8 if column == "status" else None)
+
+def instance_table(rows: Sequence[Mapping[str, Json]], *, title: str | None = None) -> None:
+    """The instance table of `pmx list` (plain text: see table.py for why not rich)."""
+    out = sys.stdout
+    colour = table.use_colour(out)
+    if title:
+        out.write(table.paint(title, "bold", colour) + "\n")
     rows, notes = _fold_replacements(rows)
+    if not rows:
+        out.write(table.paint("no apps; start one with", "dim", colour)
+                  + " pmx start ecosystem.toml\n")
+        return
+    lines: list[list[table.Cell | str]] = []
     for row in rows:
         status = str(row.get("status", ""))
         listen = row.get("listen") or []
         if (row.get("name"), row.get("instance")) in notes:
             status = "replacing"  # this instance serves until its replacement is ready
-        table.add_row(
-            str(row.get("id")), f"{row.get('name')}:{row.get('instance')}",
+        lines.append([
+            str(row.get("id")), neutralise(f"{row.get('name')}:{row.get('instance')}"),
             str(row.get("exec_mode")), str(row.get("pid") or "-"),
             human_duration(row.get("uptime")), str(row.get("restarts")),
-            f"[{STATUS_STYLE.get(status, 'cyan')}]{status}[/]", f"{row.get('cpu', 0)}%",
+            table.Cell(status, STATUS_STYLE.get(status, "cyan")), f"{row.get('cpu', 0)}%",
             human_size(row.get("memory")) if row.get("memory") else "-",
-            ", ".join(str(a) for a in listen) if isinstance(listen, list) else "",
-        )
-    # Piped output has no terminal width; rich would assume 80 and fold the addresses.
-    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-    if not rows:
-        console.print("[dim]no apps; start one with[/] pmx start ecosystem.toml")
-        return
-    console.print(table)
+            neutralise(", ".join(str(a) for a in listen)) if isinstance(listen, list) else "",
+        ])
+    out.write(table.render(INSTANCE_COLUMNS, lines, colour=colour))
     for note in notes.values():
-        console.print(note, style="cyan", highlight=False)
-    problems = [r for r in rows if r.get("status") == State.ERRORED]
-    for row in problems:
-        console.print(f"[red]{row.get('name')}:{row.get('instance')} errored:[/] "
-                      f"{neutralise(str(row.get('reason')))}", highlight=False)
+        out.write(table.paint(neutralise(note), "cyan", colour) + "\n")
+    for row in rows:
+        if row.get("status") == State.ERRORED:
+            name = neutralise(f"{row.get('name')}:{row.get('instance')} errored:")
+            out.write(f"{table.paint(name, 'red', colour)} {neutralise(str(row.get('reason')))}\n")
+    out.flush()
 
 
 def _fold_replacements(rows: Sequence[Mapping[str, Json]]
@@ -238,3 +251,4 @@ def describe(apps: Sequence[JsonObject]) -> None:
                               highlight=False)
             console.print(f"    out log: {inst.get('out_log')}", highlight=False)
             console.print(f"    error log: {inst.get('error_log')}", highlight=False)
+

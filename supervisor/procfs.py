@@ -7,11 +7,10 @@ parentheses, so the fields are counted from the *last* ")".
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ProcStat:
+class ProcStat(NamedTuple):
     state: str  # R, S, D, Z, T, ...
     ppid: int
     pgid: int

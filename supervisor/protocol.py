@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import enum
 import json
-import uuid
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Union
+from typing import NamedTuple, Union
 
 from .errors import ProtocolError
 
@@ -76,18 +75,34 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    command: Command
-    args: JsonObject = field(default_factory=dict)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """One request: a command, its arguments and an id for matching the reply.
+
+    A plain class rather than a dataclass: `pmx list` imports this module, and
+    dataclasses (with inspect) would add milliseconds to every short command."""
+
+    __slots__ = ("args", "command", "id")
+
+    def __init__(self, command: Command, args: JsonObject | None = None,
+                 id: str | None = None) -> None:
+        self.command = command
+        self.args: JsonObject = {} if args is None else args
+        self.id = id if id is not None else os.urandom(6).hex()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and (self.command, self.args, self.id) == \
+            (other.command, other.args, other.id)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Request({self.command!r}, {self.args!r}, {self.id!r})"
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     id: str
     ok: bool
-    result: JsonObject = field(default_factory=dict)
+    result: JsonObject
     error_code: str = ""
     error_message: str = ""
 

@@ -24,7 +24,7 @@ from pmx.supervisor.procfs import process_start_time
 
 T = TypeVar("T")
 APPS = Path(__file__).parent / "apps"
-CLI = [sys.executable, "-m", "pmx.cli.main"]
+CLI = [sys.executable, "-m", "pmx.cli.entry"]
 
 
 def wait_until(probe: Callable[[], tuple[bool, T]], *, timeout: float, what: str) -> T:
