@@ -213,7 +213,7 @@ class Instance:
         self.listening = []
         self._popen = spawned.popen
         self.run_id = spawned.run_id
-        self.pid = spawned.popen.pid
+        self.pid = spawned.pid
         self.pidfd = os.pidfd_open(self.pid)
         self.start_time = process_start_time(self.pid)  # names this process for good
         self.started_at = time.monotonic()

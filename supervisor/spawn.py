@@ -8,9 +8,13 @@
   unique PMX_RUN_ID that marks it and every process it starts (so escapees can be found).
 
 Cluster sockets need to sit at fds 3.. in the child, and subprocess can only keep fds at
-their own numbers, so the child first runs a tiny shim (`_EXEC_SHIM`) that moves them and
-sets LISTEN_PID to its own pid (which exec keeps): systemd's protocol wants the child's
-pid there, and the parent cannot know it before fork without an unsafe pre-exec hook.
+their own numbers. So such a spawn goes through `os.posix_spawn`, whose file actions move
+the fds, into a one-line /bin/sh (`_SH_SHIM`) that changes to the app's directory, sets
+LISTEN_PID to its own pid (which exec keeps; systemd's protocol wants the child's pid
+there, and the parent cannot know it before fork without an unsafe pre-exec hook) and
+execs the app: about a millisecond, where a Python shim cost a whole interpreter start.
+An app run as another user needs setuid/setgroups, which posix_spawn cannot do: it goes
+through subprocess and the Python shim (`_EXEC_SHIM`) instead.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ except OSError as exc:
     os._exit(127)
 """
 
+# $1: the app's directory; then the app's argv. The fds are already in place.
+_SH_SHIM = 'cd "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+_SH_SHIM_NO_PID = 'cd "$1" || exit 127; shift; exec "$@"'
+
 # Inherited from pmxd's own environment, but meaningless (or harmful) for an app.
 _STALE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PMX_LISTEN_FD", "NOTIFY_SOCKET")
 
@@ -81,7 +89,8 @@ class Identity:
 
 @dataclass(slots=True)
 class Spawned:
-    popen: subprocess.Popen[bytes]
+    pid: int
+    popen: subprocess.Popen[bytes] | None  # None when spawned by posix_spawn
     stdout_fd: int
     stderr_fd: int
     run_id: str
@@ -151,17 +160,21 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     credentials = _credentials(spec, env)
     shown = list(argv)
     pass_fds = moved if moved else ((channel_fd,) if channel_fd is not None else ())
-    if moved:
-        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(moved)),
-                *map(str, moved), *argv]
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
+        if moved and credentials == Credentials():
+            pid = _spawn_moving_fds(argv, env, spec.cwd, moved, out_write, err_write)
+            return Spawned(pid, None, out_read, err_read, run_id, shown)
+        if moved:
+            argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(moved)),
+                    *map(str, moved), *argv]
         popen = subprocess.Popen(
             argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_write,
             stderr=err_write, close_fds=True, pass_fds=pass_fds, start_new_session=True,
             user=credentials.uid, group=credentials.gid, extra_groups=credentials.groups,
         )
+        return Spawned(popen.pid, popen, out_read, err_read, run_id, shown)
     except OSError as exc:
         for fd in (out_read, err_read):
             os.close(fd)
@@ -170,7 +183,27 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     finally:
         os.close(out_write)
         os.close(err_write)
-    return Spawned(popen, out_read, err_read, run_id, shown)
+
+
+def _spawn_moving_fds(argv: list[str], env: Mapping[str, str], cwd: str, moved: Sequence[int],
+                      out_write: int, err_write: int) -> int:
+    """posix_spawn into the sh shim with `moved` at fds 3, 4, ... and a new session.
+
+    Every other fd of pmxd is close-on-exec (Python's default), so none leaks. The
+    sources first go above every number involved, so that moving one to its slot never
+    overwrites another still to be moved."""
+    floor = max(*moved, out_write, err_write, 2 + len(moved)) + 1
+    actions: list[tuple[object, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_write, 1),
+        (os.POSIX_SPAWN_DUP2, err_write, 2),
+    ]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, floor + slot) for slot, fd in enumerate(moved)]
+    actions += [(os.POSIX_SPAWN_DUP2, floor + slot, 3 + slot) for slot in range(len(moved))]
+    actions += [(os.POSIX_SPAWN_CLOSE, floor + slot) for slot in range(len(moved))]
+    script = _SH_SHIM if "LISTEN_FDS" in env else _SH_SHIM_NO_PID
+    return os.posix_spawn("/bin/sh", ["sh", "-c", script, "pmx-shim", cwd, *argv], env,
+                          file_actions=actions, setsid=True)
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:
@@ -183,14 +216,41 @@ def _executable(app: str, program: str, env: Mapping[str, str]) -> str:
     return executable
 
 
+class _FdCount:
+    """How many fds pmxd has open, for the headroom check, without listing /proc/self/fd
+    on every spawn (at 1,000 instances that list has 4,000 entries). A count is an upper
+    bound for the next spawns: each adds at most FDS_PER_SPAWN; it is taken again only
+    when that bound comes near the limit."""
+
+    FDS_PER_SPAWN = 8  # pipes, pidfd, channel, the sampler's /proc files, with margin
+
+    def __init__(self) -> None:
+        self._counted = 0
+        self._spawns_since = 1 << 30  # count on first use
+
+    def upper_bound(self, limit: int) -> int:
+        bound = self._counted + self._spawns_since * self.FDS_PER_SPAWN
+        if bound + FD_RESERVE * 2 >= limit:
+            self._counted, self._spawns_since = len(os.listdir("/proc/self/fd")), 0
+        self._spawns_since += 1
+        return self._counted + (self._spawns_since - 1) * self.FDS_PER_SPAWN
+
+
+_fd_count = _FdCount()
+
+
 def _check_fd_headroom(app: str, needed: int) -> None:
     """Refuse a spawn that would eat into the reserve of file descriptors."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    in_use = len(os.listdir("/proc/self/fd"))
-    if limit != resource.RLIM_INFINITY and in_use + needed > limit - FD_RESERVE:
-        raise SpawnError(f'cannot start app "{app}": pmxd is near its open-file limit '
-                         f"({in_use} of {limit} file descriptors in use, {FD_RESERVE} kept in "
-                         "reserve); raise LimitNOFILE / ulimit -n")
+    if limit == resource.RLIM_INFINITY:
+        return
+    in_use = _fd_count.upper_bound(limit)
+    if in_use + needed > limit - FD_RESERVE:
+        in_use = len(os.listdir("/proc/self/fd"))  # the bound is rough: make sure
+        if in_use + needed > limit - FD_RESERVE:
+            raise SpawnError(f'cannot start app "{app}": pmxd is near its open-file limit '
+                             f"({in_use} of {limit} file descriptors in use, {FD_RESERVE} kept "
+                             "in reserve); raise LimitNOFILE / ulimit -n")
 
 
 def _credentials(spec: AppSpec, env: dict[str, str]) -> Credentials:
