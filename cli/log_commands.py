@@ -9,17 +9,30 @@ excepted. Registered on the `pmx` group by main.py.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
-from pmx.supervisor.protocol import LOG_PREFIX, Command, JsonObject, log_topic
+from pmx.supervisor.protocol import (
+    EVENT_PREFIX,
+    LOG_PREFIX,
+    Command,
+    JsonObject,
+    event_topic,
+    log_topic,
+)
 
 from . import render
 from .client import Client
 from .outcome import handles_errors, json_list
+
+PM2_TIMESTAMP = "YYYY-MM-DD-HH:mm:ss"  # PM2's default for `pm2 logs --timestamp`
+_LOOKS_LIKE_FORMAT = re.compile(r"%|YY|MM|DD|HH|hh|mm|ss|SSS")
 
 
 @click.command()
@@ -28,9 +41,20 @@ from .outcome import handles_errors, json_list
 @click.option("--nostream", is_flag=True, help="print the last lines and exit")
 @click.option("--err", "only_err", is_flag=True, help="stderr only")
 @click.option("--out", "only_out", is_flag=True, help="stdout only")
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object per line: app, instance, stream, time, message")
+@click.option("--timestamp", "time_format", is_flag=False, flag_value=PM2_TIMESTAMP,
+              default=None, metavar="[FORMAT]",
+              help=f'prefix live lines with the time (default format "{PM2_TIMESTAMP}", '
+                   'or strftime with %)')
 @handles_errors
-def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool) -> None:
-    """Show the last log lines of an app (or all), then follow them live."""
+def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool,
+         as_json: bool, time_format: str | None) -> None:
+    """Show the last log lines of an app (or all), then follow them live, with pmxd's
+    events about the apps (reloads and why, memory restarts) as "[pmx]" lines."""
+    if time_format is not None and target == "all" and not _LOOKS_LIKE_FORMAT.search(
+            time_format):
+        target, time_format = time_format, PM2_TIMESTAMP  # `pmx logs --timestamp api`
     client = Client()
     result = client.call(Command.DESCRIBE, {"target": target})
     apps = [a for a in result.get("apps") or [] if isinstance(a, dict)]  # type: ignore[union-attr]
@@ -42,27 +66,82 @@ def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool
     names = [str(a.get("name")) for a in apps]
     subscription = None
     if not nostream:
-        subscription = client.subscribe([log_topic(n) for n in names] if target != "all"
-                                        else [LOG_PREFIX])
-    clean = render.neutralise_keeping_colour if sys.stdout.isatty() else (lambda text: text)
+        subscription = client.subscribe(
+            [topic for n in names for topic in (log_topic(n), event_topic(n))]
+            if target != "all" else [LOG_PREFIX, EVENT_PREFIX])
+    show = _Printer(as_json, time_format)
+    error_logs = _error_logs(apps)
     for path, label in _log_files(apps, streams):
         tail = _tail(Path(path), lines)
-        if tail:
+        if tail and not as_json:
             click.echo(click.style(f"==> {path} (last {lines} lines) <==", dim=True))
+        app, _, instance = label.partition(":")
+        stream = "error" if path in error_logs else "out"
         for line in tail:
-            click.echo(f"{label} | {clean(line)}", color=True)  # piped: as logged
+            show.line(app, int(instance) if instance.isdigit() else None, stream, None, line,
+                      f"{label} |")
     if subscription is None:
         return
-    click.echo(click.style("following live; Ctrl-C to stop", dim=True), err=True)
+    if not as_json:
+        click.echo(click.style("following live; Ctrl-C to stop", dim=True), err=True)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    for _, body in client.stream(subscription):
+    for topic, body in client.stream(subscription):
+        if topic.startswith(EVENT_PREFIX):
+            show.event(body)
+            continue
         if body.get("stream") not in streams:
             continue
-        prefix = f"{body.get('app')}:{body.get('instance')}"
+        name, index = str(body.get("app")), body.get("instance")
         marker = " !" if body.get("stream") == "error" else " |"
-        received = body.get("lines")
-        for text in json_list(received):
-            click.echo(f"{prefix}{marker} {clean(str(text))}", color=True)
+        for text in json_list(body.get("lines")):
+            show.line(name, index if isinstance(index, int) else None,
+                      str(body.get("stream")), time.time(), str(text), f"{name}:{index}{marker}")
+
+
+class _Printer:
+    """How `logs` writes a line: as it was logged (colours kept on a terminal, other
+    escapes made inert), with a time in front, or as JSON."""
+
+    def __init__(self, as_json: bool, time_format: str | None) -> None:
+        self.as_json = as_json
+        self.time_format = time_format
+        clean = render.neutralise_keeping_colour if sys.stdout.isatty() else None
+        self.clean = clean or (lambda text: text)  # piped: as logged
+
+    def _stamp(self, when: float | None) -> str:
+        if self.time_format is None or when is None:
+            return ""
+        from pmx.supervisor.date_format import format_time
+
+        return format_time(self.time_format, when) + " "
+
+    def line(self, app: str, instance: int | None, stream: str, when: float | None,
+             text: str, label: str) -> None:
+        if self.as_json:
+            click.echo(json.dumps({"app": app, "instance": instance, "stream": stream,
+                                   "time": when, "message": text}, ensure_ascii=False))
+            return
+        click.echo(f"{self._stamp(when)}{label} {self.clean(text)}", color=True)
+
+    def event(self, body: JsonObject) -> None:
+        """pmxd's word about an app; state changes are left to `pmx list` and monit."""
+        kind, app = body.get("kind"), str(body.get("app"))
+        if kind == "state" or not isinstance(kind, str):
+            return
+        message = f"{kind.replace('_', ' ')}: {body.get('message')}"
+        when = body.get("time")
+        stamp = when if isinstance(when, int | float) else time.time()
+        if self.as_json:
+            click.echo(json.dumps({"app": app, "instance": None, "stream": "pmx",
+                                   "time": stamp, "message": message}, ensure_ascii=False))
+            return
+        line = render.neutralise(f"[pmx] {app} {message}")
+        click.echo(self._stamp(stamp) + click.style(line, dim=True))
+
+
+def _error_logs(apps: list[JsonObject]) -> set[str]:
+    return {str(inst.get("error_log")) for app in apps
+            for inst in json_list(app.get("instances")) if isinstance(inst, dict)}
 
 
 def _log_files(apps: list[JsonObject], streams: list[str]) -> list[tuple[str, str]]:

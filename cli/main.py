@@ -24,7 +24,15 @@ from pmx.supervisor import __version__
 from pmx.supervisor.errors import ConfigError, ExitCode, PmxError
 from pmx.supervisor.protocol import EVENT_PREFIX, Command, Json, JsonObject
 
-from . import daemon_commands, log_commands, render, usage
+from . import (
+    daemon_commands,
+    export_command,
+    habit_commands,
+    import_command,
+    log_commands,
+    render,
+    usage,
+)
 from .client import Client
 from .outcome import (
     fail,
@@ -53,7 +61,11 @@ FILE_SUFFIXES = (".toml", ".py", ".js", ".mjs", ".cjs", ".ts", ".sh", ".bash", "
 
 
 def _looks_like_ecosystem(target: str) -> bool:
-    return target.endswith(".toml")
+    """A config file, not a script: .toml, and what pmx reads from PM2 as it is:
+    *.config.js/.cjs/.mjs (and ecosystem*.js), .json, .yml/.yaml, Procfile."""
+    from pmx.supervisor.pm2 import is_ecosystem_name
+
+    return is_ecosystem_name(target)
 
 
 def _looks_like_file(target: str) -> bool:
@@ -110,6 +122,7 @@ def _specs_for_script(script: str, name: str | None, instances: str | None,
               help="with -i: no preload; the app must serve on fd 3 (LISTEN_FDS) itself")
 @click.option("--only", multiple=True, help="with an ecosystem file: start only this app")
 @click.option("--env", "env_name", help="with an ecosystem file: use its env_NAME table")
+@habit_commands.start_options
 @handles_errors
 def start(target: str, name: str | None, instances: str | None, interpreter: str | None,
           listen: tuple[str, ...], max_memory: str | None, wait_ready: bool,
@@ -126,7 +139,7 @@ def start(target: str, name: str | None, instances: str | None, interpreter: str
       pmx start app.js -i 4          # cluster: the instances share the port app.js listens on
       pmx start ./bin/server --name bin -- --port 9000
     """
-    from pmx.supervisor.config import parse_ecosystem
+    from .import_command import load_ecosystem  # parse_ecosystem, notes on stderr
 
     script_args = usage.app_args()
     is_file = _looks_like_ecosystem(target)
@@ -140,10 +153,11 @@ def start(target: str, name: str | None, instances: str | None, interpreter: str
                      "--env NAME)")
     client = Client()
     if is_file or is_script:
-        specs = parse_ecosystem(target, env_name=env_name, only=only) if is_file else \
+        specs = load_ecosystem(target, env_name=env_name, only=only) if is_file else \
             _specs_for_script(target, name, instances, interpreter, script_args, listen,
                               max_memory, preload=not no_preload, wait_ready=wait_ready,
                               listen_timeout=listen_timeout)
+        specs = habit_commands.with_settings(specs)  # --watch, --cron, --no-autorestart
         client.ensure_daemon()
         tables: list[Json] = [_jsonable(spec.to_table()) for spec in specs]
         result = client.call(Command.START, {"apps": tables, "base_env": dict(os.environ)},
@@ -199,9 +213,9 @@ def reload(targets: tuple[str, ...], update_env: bool, env_name: str | None,
     if env_name and not files:
         usage.refuse("--env needs an ecosystem file (pmx reload ecosystem.toml --env NAME)")
     if files:
-        from pmx.supervisor.config import parse_ecosystem
+        from .import_command import load_ecosystem  # parse_ecosystem, notes on stderr
 
-        specs = parse_ecosystem(files[0], env_name=env_name)
+        specs = load_ecosystem(files[0], env_name=env_name)
         args = {"apps": [_jsonable(spec.to_table()) for spec in specs],
                 "base_env": dict(os.environ), "update_env": update_env}
         client.ensure_daemon()
@@ -328,7 +342,8 @@ def monit(once: bool) -> None:
     sys.exit(live.run(Client(), once=once or not sys.stdout.isatty()))
 
 
-for command in (*log_commands.COMMANDS, *daemon_commands.COMMANDS):
+for command in (*log_commands.COMMANDS, *daemon_commands.COMMANDS, *habit_commands.COMMANDS,
+                *import_command.COMMANDS, *export_command.COMMANDS):
     cli.add_command(command)
 
 

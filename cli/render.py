@@ -233,6 +233,8 @@ def describe(apps: Sequence[JsonObject]) -> None:
                 listen, list) else str(listen), "")
         for key, value, default in settings(spec):
             table.add_row(key, escape(neutralise(value)), escape(neutralise(default)))
+        for key, value in auto_reload_rows(app):
+            table.add_row(key, escape(neutralise(value)), "")
         console.print(table, highlight=False)
         for inst in instances:
             if not isinstance(inst, dict):
@@ -252,3 +254,17 @@ def describe(apps: Sequence[JsonObject]) -> None:
             console.print(f"    out log: {inst.get('out_log')}", highlight=False)
             console.print(f"    error log: {inst.get('error_log')}", highlight=False)
 
+
+def auto_reload_rows(app: Mapping[str, Json]) -> list[tuple[str, str]]:
+    """describe's lines for watch and cron: the paths watched and the next cron run."""
+    import time
+
+    rows = []
+    watching = app.get("watching")
+    if isinstance(watching, list) and watching:
+        rows.append(("watching", ", ".join(home_relative(str(path)) for path in watching)))
+    next_run = app.get("cron_next_run")
+    if isinstance(next_run, int | float):
+        when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(next_run))
+        rows.append(("cron next run", f"{when} (in {human_duration(next_run - time.time())})"))
+    return rows

@@ -40,6 +40,13 @@ class Args:
                                            'ids or "all"')
         return [str(value) for value in values]
 
+    def text(self, key: str) -> str:
+        """A non-empty string argument, else bad_args."""
+        value = self._args.get(key)
+        if not isinstance(value, str) or not value:
+            raise CommandError("bad_args", f'"{key}" must be a non-empty string')
+        return value
+
     def flag(self, key: str) -> bool:
         return self._args.get(key) is True
 

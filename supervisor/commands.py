@@ -29,14 +29,17 @@ from . import __version__
 from .app import AppGroup
 from .arguments import Args, json_table, specs_from_request
 from .config import AppSpec, mask_env
+from .cron import next_run
 from .dump import read_dump, write_dump
 from .errors import CommandError, ConfigError, PmxError, SpawnError
 from .home import DUMP_FILE
 from .logs import LogFiles
 from .monitor import ResourceMonitor
+from .options import Invalid, signal_number
 from .protocol import Command, Json, JsonObject, Request
 from .registry import Registry, Target, instance_row, is_running
-from .states import ENDED
+from .states import ENDED, RUNNING
+from .watch import watch_roots
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,8 @@ class Commands:
             Command.START: self.start, Command.STOP: self.stop, Command.RESTART: self.restart,
             Command.RELOAD: self.reload, Command.DELETE: self.delete, Command.SCALE: self.scale,
             Command.FLUSH: self.flush, Command.SAVE: self.save, Command.RESURRECT: self.resurrect,
-            Command.KILL: self.kill, Command.UPDATE: self.update,
+            Command.KILL: self.kill, Command.UPDATE: self.update, Command.RESET: self.reset,
+            Command.SIGNAL: self.signal,
         }
         return {command: _with_args(handler) for command, handler in table.items()}
 
@@ -98,7 +102,9 @@ class Commands:
 
     async def describe(self, args: Args) -> JsonObject:
         """target, show_secrets? -> {apps: [{name, spec, mode, listen, unserved, busy,
-        instances}]}: unserved lists listen addresses no instance accepts on; the full
+        watching, cron_next_run, instances}]}: unserved lists listen addresses no instance
+        accepts on; watching the absolute paths `watch` names; cron_next_run the epoch time
+        of cron_restart's next run (null without one); the full
         settings (secret-looking env values masked unless show_secrets) and, per instance,
         the list row plus its log paths, last exit, unstable restarts, status text, argv."""
         stats = self._host.monitor.stats
@@ -122,7 +128,10 @@ class Commands:
                               "listen": list[Json](app.sockets.bound_addresses()
                                                    if app.sockets else []),
                               "unserved": list[Json](app.unserved),
-                              "busy": app.busy, "instances": instances})
+                              "busy": app.busy, "instances": instances,
+                              "watching": list[Json](watch_roots(app.spec)),
+                              "cron_next_run": next_run(app.spec.cron_restart, time.time())
+                              if app.spec.cron_restart else None})
         return {"apps": described}
 
     # ------------------------------------------------------------ lifecycle
@@ -249,6 +258,41 @@ class Commands:
                                        "the old instances keep serving") from None
             reloaded.append(app.name)
         return {"reloaded": reloaded}
+
+    async def reload_because(self, app: AppGroup, reason: str) -> None:
+        """Not a request: a reload pmxd starts by itself (a watched file changed, a cron
+        time) takes the path of `pmx reload NAME`, its reason in the events and the log."""
+        log.info("%s: reload: %s", app.name, reason)
+        self._host.publish_event(app.name, "reload", reason)
+        await self._reload_apps([(app, None)])
+
+    async def reset(self, args: Args) -> JsonObject:
+        """target or targets -> {reset: [labels], results, errors}: restart counters to 0
+        (PM2's `pm2 reset`). Instant: allowed while an operation runs."""
+        async def reset_one(target: Target) -> None:
+            for instance in target.chosen or target.app.all_instances():
+                instance.reset_counters()
+
+        return await self._each(args.targets(), "reset", reset_one)
+
+    async def signal(self, args: Args) -> JsonObject:
+        """signal (a name like "SIGUSR2" or a number), target or targets -> {signalled:
+        [labels], results, errors}: sent to each running instance's main process (PM2's
+        `pm2 sendSignal`). bad_args for an unknown signal; failed for a target of which
+        nothing runs."""
+        raw = args.text("signal")
+        try:
+            signum = signal_number(raw)
+        except Invalid as exc:
+            raise CommandError("bad_args", f'unknown signal "{raw[:32]}": expected {exc}') from None
+
+        async def signal_one(target: Target) -> None:
+            chosen = target.chosen or target.app.all_instances()
+            sent = [i for i in chosen if i.state in RUNNING and i.send_signal(signum)]
+            if not sent:
+                raise CommandError("failed", f"nothing of {target.label} runs: no signal sent")
+
+        return await self._each(args.targets(), "signalled", signal_one)
 
     async def delete(self, args: Args) -> JsonObject:
         """target or targets -> {deleted: [names or "app:index"], results, errors}: stop and

@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .options import (
@@ -32,6 +33,9 @@ from .options import (
     parse_env,
     quote,
 )
+
+if TYPE_CHECKING:
+    from .pm2 import Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,10 @@ class AppSpec:
     retain: int
     max_memory_restart_bytes: int | None
     memory_limit_samples: int
+    watch: bool | tuple[str, ...] = False
+    ignore_watch: tuple[str, ...] = ()
+    watch_delay_s: float = 0.5
+    cron_restart: str | None = None
 
     @property
     def is_cluster(self) -> bool:
@@ -223,25 +231,23 @@ def parse_ecosystem(
     *,
     env_name: str | None = None,
     only: Sequence[str] = (),
+    notes: list[Note] | None = None,
 ) -> list[AppSpec]:
-    """Read and validate a whole ecosystem file; every app or none."""
+    """Read and validate a whole ecosystem file; every app or none.
+
+    TOML, or PM2's files (ecosystem.config.js/.cjs/.mjs, .json, .yml/.yaml) and
+    Procfiles, converted by pm2.py; what the conversion dropped or changed is added to
+    `notes`."""
+    from . import pm2  # only for the files that are not TOML
+
     file = Path(path)
     source = str(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    unknown = [key for key in data if key != "apps"]
-    if unknown:
-        raise ConfigError(f'{source}: unknown top-level key "{unknown[0]}"; expected [[apps]] tables')
-    apps = data.get("apps")
-    if not isinstance(apps, list) or not apps:
-        found = "a single [apps] table; write [[apps]]" if isinstance(apps, dict) else "none"
-        raise ConfigError(f"{source}: expected at least one [[apps]] table, found {found}")
+    if pm2.file_kind(file) != "toml":
+        apps, pm2_notes = pm2.load(file, source)
+        if notes is not None:
+            notes.extend(pm2_notes)
+    else:
+        apps = _read_toml(file, source)
     base_dir = file.resolve().parent
     specs: list[AppSpec] = []
     seen: dict[str, int] = {}
@@ -262,6 +268,25 @@ def parse_ecosystem(
     if missing:
         raise ConfigError(f'{source}: --only "{missing[0]}": no app of that name in the file')
     return [spec for spec in specs if not only or spec.name in only]
+
+
+def _read_toml(file: Path, source: str) -> list[dict[str, object]]:
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    unknown = [key for key in data if key != "apps"]
+    if unknown:
+        raise ConfigError(f'{source}: unknown top-level key "{unknown[0]}"; expected [[apps]] tables')
+    apps = data.get("apps")
+    if not isinstance(apps, list) or not apps:
+        found = "a single [apps] table; write [[apps]]" if isinstance(apps, dict) else "none"
+        raise ConfigError(f"{source}: expected at least one [[apps]] table, found {found}")
+    return apps
 
 
 def _check_env_profile(source: str, env_name: str, apps: list[dict[str, object]]) -> None:

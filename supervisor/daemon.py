@@ -60,6 +60,7 @@ from .reaper import Reaper, become_subreaper
 from .recovery import Recovery, StateFile, exec_new_version
 from .registry import Registry
 from .states import ENDED, State
+from .watch import AutoReload
 
 log = logging.getLogger("pmx.supervisor")
 
@@ -88,13 +89,16 @@ class Daemon:
         self.log_files = LogFiles()
         self.reaper = Reaper(self.loop)
         self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL)
-        self.control = ControlServer(home, Commands(self).handlers())
+        commands = Commands(self)
+        self.control = ControlServer(home, commands.handlers())
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
                                    echo=runtime_mode)
         self.monitor = ResourceMonitor(lambda: self.registry, interval_s=monitor_interval_s,
                                        publish=self.control.publish, app_event=self.publish_event)
         self.notify = NotifySocket(self.loop, home / NOTIFY_SOCKET, self._on_notify)
         self.notify_socket_path: str | None = self.notify.path
+        self.auto_reload = AutoReload(self.loop, lambda: self.registry, self.registry.get,
+                                      commands.reload_because, home)
         self._stray_markers: set[bytes] = set()
 
     def _make_app(self, spec: AppSpec, base_env: Mapping[str, str]) -> AppGroup:
@@ -107,6 +111,7 @@ class Daemon:
 
     def publish_state(self, instance: Instance) -> None:
         self.state_file.changed()
+        self.auto_reload.changed()  # watch and cron follow what runs
         if self.runtime_mode and instance.state in ENDED:
             self.loop.call_soon(self._exit_when_all_ended)
         self.control.publish(event_topic(instance.app), {
@@ -243,6 +248,7 @@ class Daemon:
         background = [self.loop.create_task(self.monitor.run()),
                       self.loop.create_task(self._watchdog_loop())]
         await self._stopping.wait()
+        await self.auto_reload.close()
         _tell_systemd("STOPPING=1")
         log.info("pmxd stopping: stopping %d apps", len(self.registry))
         await self.stop_all()

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .date_format import compile_date_format
 from .protocol import log_topic
 
 if TYPE_CHECKING:
@@ -167,7 +168,8 @@ class PipeReader:
         self.fd = fd
         self.stream = stream
         self.file = file
-        self._date_format = date_format
+        # Compiled once: PM2's day.js tokens or strftime, the stamp cached per second.
+        self._stamp = compile_date_format(date_format) if date_format else None
         self._sink = sink
         self._on_close = on_close
         self._partial = b""
@@ -196,8 +198,8 @@ class PipeReader:
 
     def _emit(self, groups: list[list[bytes]]) -> None:
         lines = [piece for group in groups for piece in group]
-        if self._date_format:
-            prefix = time.strftime(self._date_format).encode() + b": "
+        if self._stamp is not None:
+            prefix = self._stamp() + b": "
             data = b"".join(prefix + line + b"\n" for line in lines)
         else:
             data = b"\n".join(lines) + b"\n"

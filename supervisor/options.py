@@ -1,4 +1,5 @@
-"""The ecosystem options: one table, and the parsers of their values. Standard library only.
+"""The ecosystem options: one table, and the parsers of their values. Standard library only,
+but for croniter, imported by `parse_cron` when a file has a cron_restart.
 
 Every option is declared once, in OPTIONS: its name (PM2's, so PM2 users feel at home),
 the AppSpec field it fills (the field's suffix carries the unit: _s, _bytes), its
@@ -174,6 +175,19 @@ def _parse_signal(value: object) -> str:
     raise Invalid('a signal name like "SIGTERM" or "SIGINT"')
 
 
+def signal_number(value: str) -> int:
+    """`pmx signal`'s signal: a name ("SIGUSR2", "usr2") or a number (12); any signal."""
+    if value.isascii() and value.isdigit():
+        number = int(value)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+        if name in signal.Signals.__members__:
+            return int(signal.Signals[name])
+    raise Invalid(f'a signal name like "SIGUSR2" or a number from 1 to {signal.NSIG - 1}')
+
+
 def _choice(choices: Sequence[str]) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in choices:
@@ -226,6 +240,52 @@ def _parse_ready_check(value: object) -> str:
     ):
         return value
     raise Invalid('"tcp:HOST:PORT" or "http://HOST:PORT/path" ({port} and {instance} allowed)')
+
+
+def _parse_watch(value: object) -> bool | tuple[str, ...]:
+    """true (the app's cwd), false, a path or a list of paths (relative to the app's cwd)."""
+    if isinstance(value, bool):
+        return value
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(item, str) and item.strip() and "\0" not in item
+                                       for item in items):
+        return tuple(str(item) for item in items) if items else False
+    raise Invalid("true, false, a path or a list of paths")
+
+
+def _parse_ignore_watch(value: object) -> tuple[str, ...]:
+    """Globs or paths: a list of strings, or one string."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(item, str) and item.strip() and "\0" not in item
+                                       for item in items):
+        return tuple(str(item) for item in items)
+    raise Invalid('a glob or path like "*.log" or "tmp", or a list of them')
+
+
+def parse_cron(value: object) -> str | None:
+    """A cron expression, checked with croniter: 5 fields, or 6 with seconds first (as
+    PM2's cron library reads them), or @daily and friends; "" or "0" turns it off (PM2)."""
+    if isinstance(value, str) and value.strip() in ("", "0"):
+        return None
+    expected = 'a cron expression like "0 3 * * *" (or 6 fields, seconds first)'
+    if not isinstance(value, str) or "\0" in value:
+        raise Invalid(expected)
+    import datetime
+
+    from croniter import (  # type: ignore[import-untyped]
+        CroniterBadDateError,
+        CroniterError,
+        croniter,
+    )
+
+    try:
+        croniter(value, datetime.datetime.now(), second_at_beginning=True).get_next(float)
+    except CroniterBadDateError:
+        raise Invalid(f"{expected}, got {quote(value)}, which never matches a date",
+                      says_found=True) from None
+    except CroniterError as exc:
+        raise Invalid(f"{expected}, got {quote(value)} ({exc})", says_found=True) from None
+    return " ".join(value.split())
 
 
 # ---------------------------------------------------------------- the option table
@@ -297,5 +357,13 @@ OPTIONS: tuple[Option, ...] = (
            "restart an instance whose process tree uses more resident memory"),
     Option("memory_limit_samples", "memory_limit_samples", _parse_count, 1,
            "samples in a row above max_memory_restart before the restart"),
+    Option("watch", "watch", _parse_watch, False,
+           "reload (no downtime) when a file changes: true watches cwd; or paths under cwd"),
+    Option("ignore_watch", "ignore_watch", _parse_ignore_watch, (),
+           "globs or paths not to watch (node_modules, .git and pmx's logs always are)"),
+    Option("watch_delay", "watch_delay_s", parse_duration_s, 0.5,
+           "quiet time after the last change before the reload: a burst gives one reload"),
+    Option("cron_restart", "cron_restart", parse_cron, None,
+           'reload (no downtime) at these times, local time: "0 3 * * *"'),
 )
 OPTION_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}

@@ -58,6 +58,8 @@ class Command(enum.StrEnum):
     RESURRECT = "resurrect"
     KILL = "kill"
     UPDATE = "update"
+    RESET = "reset"
+    SIGNAL = "signal"
 
 
 class ErrorCode(enum.StrEnum):

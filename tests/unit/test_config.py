@@ -418,6 +418,10 @@ max_log_size = "10M"
 retain = 2
 max_memory_restart = "300M"
 memory_limit_samples = 3
+watch = ["src", "lib"]
+ignore_watch = ["*.log"]
+watch_delay = "2s"
+cron_restart = "0 3 * * *"
 """
 
 

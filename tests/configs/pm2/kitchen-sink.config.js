@@ -1,0 +1,46 @@
+// Everything a migration trips over: deploy, watch, cron, Keymetrics keys, typos,
+// a name pmx does not allow, a script with spaces, nested env values, aliases.
+module.exports = {
+  apps: [
+    {
+      name: 'Main API',
+      script: '../../apps/node_hello.js',
+      watch: ['src', 'config'],
+      ignore_watch: ['node_modules', '\\.git', '*.log'],
+      watch_delay: 1000,
+      watch_options: { followSymlinks: false },
+      cron_restart: '0 */6 * * *',
+      instnaces: 4,
+      namespace: 'backend',
+      pmx: true,
+      automation: false,
+      source_map_support: true,
+      increment_var: 'PORT',
+      filter_env: ['SECRET_'],
+      combine_logs: true,
+      out: 'main-out.log',
+      error: 'main-err.log',
+      exec_interpreter: 'node',
+      interpreterArgs: ['--enable-source-maps'],
+      env: { NODE_ENV: 'production', FEATURES: { beta: true }, EMPTY: null },
+      io: { secret_key: 'not-a-real-key', public_key: 'nor-this' },
+      handler: function () { return 'functions are lost by JSON'; },
+    },
+    {
+      script: 'npm run start --silent',
+      autostart: false,
+      cron_restart: 0,
+      disable_logs: true,
+    },
+  ],
+  deploy: {
+    production: {
+      user: 'deploy',
+      host: ['203.0.113.10'],
+      ref: 'origin/main',
+      repo: 'git@example.com:team/app.git',
+      path: '/srv/app',
+      'post-deploy': 'npm ci && pm2 reload ecosystem.config.js --env production',
+    },
+  },
+};
