@@ -32,6 +32,7 @@ from . import (
     log_commands,
     render,
     usage,
+    web_command,
 )
 from .client import Client
 from .outcome import (
@@ -343,7 +344,7 @@ def monit(once: bool) -> None:
 
 
 for command in (*log_commands.COMMANDS, *daemon_commands.COMMANDS, *habit_commands.COMMANDS,
-                *import_command.COMMANDS, *export_command.COMMANDS):
+                *import_command.COMMANDS, *export_command.COMMANDS, *web_command.COMMANDS):
     cli.add_command(command)
 
 
