@@ -1,14 +1,17 @@
 """How long a user waits for `pmx list` and `pmx ping`, against `python -c pass`.
 
-A daemon runs two apps (a 2-instance HTTP cluster and a worker) in a temporary home.
-Each command is run --runs times, interleaved round-robin so drift hits all alike;
-the median and p90 wall times are printed with their ratio to the interpreter's own
-start-up. `pmx --version` (imports, no daemon round trip) splits import cost from the
-request. Finally `python -X importtime -m pmx.cli.main list` shows which imports the
-CLI pays for.
+A daemon runs --apps apps (default 10) in a temporary home: a 2-instance HTTP cluster, a
+worker, and --apps - 2 apps of one idle `/bin/sleep` each (interpreter "none"), so
+`pmx list` has --apps + 1 rows to draw. Each command is run --runs times, interleaved
+round-robin so drift hits all alike; the median and p90 wall times are printed with their
+ratio to the interpreter's own start-up. `pmx --version` (imports, no daemon round trip)
+splits import cost from the request; `pmx list --json` splits the table drawing from the
+list request. Finally `python -X importtime -m pmx.cli.main list` shows which imports
+the CLI pays for.
 
-    python bench/cli_latency.py            # 30 runs of each
+    python bench/cli_latency.py            # 30 runs of each, 10 apps
     python bench/cli_latency.py --quick    # 10 runs
+    python bench/cli_latency.py --apps 2   # only the cluster and the worker
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 runs instead of 30")
     parser.add_argument("--runs", type=int, help="runs of each command (default 30)")
     parser.add_argument("--top", type=int, default=15, help="imports to show")
+    parser.add_argument("--apps", type=int, default=10,
+                        help="apps in the daemon, at least 2: the cluster, the worker and "
+                             "APPS - 2 idle /bin/sleep apps (default 10)")
     args = parser.parse_args()
+    if args.apps < 2:
+        parser.error("--apps must be at least 2")
     runs = args.runs or (10 if args.quick else 30)
     cores_note()
 
@@ -94,11 +102,21 @@ listen = "127.0.0.1:{port}"
 [[apps]]
 name = "worker"
 script = "{REPO / 'config-examples' / 'apps' / 'worker.py'}"
-""")
+""" + "".join(f"""
+[[apps]]
+name = "idle{number}"
+script = "/bin/sleep"
+args = ["100000"]
+interpreter = "none"
+""" for number in range(1, args.apps - 1)))
         pmx.run("start", str(ecosystem))
         pmx.wait_online("web", 2)
         pmx.wait_online("worker", 1)
-        print(f"pmxd running 2 apps (web x2 on 127.0.0.1:{port}, worker) in {pmx.home}")
+        for number in range(1, args.apps - 1):
+            pmx.wait_online(f"idle{number}", 1)
+        idle = f", idle1..idle{args.apps - 2} (/bin/sleep)" if args.apps > 2 else ""
+        print(f"pmxd running {args.apps} apps (web x2 on 127.0.0.1:{port}, worker{idle}; "
+              f"{args.apps + 1} instances) in {pmx.home}")
 
         console = shutil.which("pmx")
         cases: list[tuple[str, list[str]]] = [
@@ -106,6 +124,7 @@ script = "{REPO / 'config-examples' / 'apps' / 'worker.py'}"
             ("pmx --version (imports only)", [*_cli(console), "--version"]),
             ("pmx ping", [*_cli(console), "ping"]),
             ("pmx list", [*_cli(console), "list"]),
+            ("pmx list --json", [*_cli(console), "list", "--json"]),
             ("python -m pmx.cli.main list", [sys.executable, "-m", "pmx.cli.main", "list"]),
         ]
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
@@ -129,6 +148,9 @@ script = "{REPO / 'config-examples' / 'apps' / 'worker.py'}"
               f"interpreter)")
         print(f"  pmx ping - pmx --version   = {ms(ping - version)} (connect + one request)")
         print(f"  pmx list - pmx ping        = {ms(listing - ping)} (list request + table drawing)")
+        as_json = statistics.median(samples["pmx list --json"])
+        print(f"  pmx list - pmx list --json = {ms(listing - as_json)} (drawing the table rather "
+              f"than printing JSON)")
         import_times(pmx, args.top)
 
 

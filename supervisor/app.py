@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 
 from .config import AppSpec
-from .dropin import ListenReport, preload_env, runtime_of, uses_preload
+from .dropin import ListenReport, describe_mode, preload_env, runtime_of, uses_preload
 from .errors import CommandError, SpawnError
 from .logs import LogFile, LogFiles, instance_log_path
 from .process import Instance, NotReadyInTime, Runtime
@@ -36,18 +36,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 LISTEN_SETTLE_S = 0.1  # quiet time after a listen report before the other instances start
-
-
-def describe_mode(spec: AppSpec) -> str:
-    """How the app runs, in words, for `describe`."""
-    if not spec.is_cluster:
-        return "fork: each instance on its own"
-    how = "one SO_REUSEPORT socket per instance" if spec.reuse_port else "shared sockets"
-    if uses_preload(spec):
-        declared = "declared in listen" if spec.listen else "learned from the app"
-        return (f"cluster: {how} owned by pmxd ({declared}); {runtime_of(spec)} preload "
-                "routes the app's own listen() to them")
-    return f"cluster: {how} owned by pmxd, passed as fd 3 on (LISTEN_FDS)"
+SPAWNS_PER_TURN = 32  # spawns between two turns of the loop in a start of many
 
 
 class AppGroup:
@@ -234,8 +223,10 @@ class AppGroup:
             errors.extend(self._start_one(first, reason))
             if first.pid is not None:
                 await self._readiness.wait_listening(first)
-        for instance in waiting:
+        for count, instance in enumerate(waiting, 1):
             errors.extend(self._start_one(instance, reason))
+            if count % SPAWNS_PER_TURN == 0:
+                await asyncio.sleep(0)  # requests and exits are served during a big start
         self._check_served_soon()
         return errors
 

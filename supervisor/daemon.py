@@ -111,6 +111,7 @@ class Daemon:
 
     def publish_state(self, instance: Instance) -> None:
         self.state_file.changed()
+        self.monitor.instances_changed()
         self.auto_reload.changed()  # watch and cron follow what runs
         if self.runtime_mode and instance.state in ENDED:
             self.loop.call_soon(self._exit_when_all_ended)

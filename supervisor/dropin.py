@@ -218,3 +218,15 @@ class NodeChannel:
             self._ours.close()
             with contextlib.suppress(OSError):
                 self._theirs.close()
+
+
+def describe_mode(spec: AppSpec) -> str:
+    """How the app runs, in words, for `describe`."""
+    if not spec.is_cluster:
+        return "fork: each instance on its own"
+    how = "one SO_REUSEPORT socket per instance" if spec.reuse_port else "shared sockets"
+    if uses_preload(spec):
+        declared = "declared in listen" if spec.listen else "learned from the app"
+        return (f"cluster: {how} owned by pmxd ({declared}); {runtime_of(spec)} preload "
+                "routes the app's own listen() to them")
+    return f"cluster: {how} owned by pmxd, passed as fd 3 on (LISTEN_FDS)"

@@ -221,7 +221,13 @@ class ResourceMonitor:
         self.stats: dict[int, InstanceStats] = {}  # by pid
         self._over_limit: dict[int, int] = {}  # pid -> samples in a row over the limit
         self._sampler = Sampler()
+        self._roots: list[tuple[int, int]] | None = None  # (instance id, pid) to sample
+        self._limited: list[AppGroup] = []  # apps with max_memory_restart, with _roots
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pmx-sampler")
+
+    def instances_changed(self) -> None:
+        """An instance changed state (or pid): the list of processes to sample is stale."""
+        self._roots = None
 
     def forget(self, pid: int) -> None:
         """A process ended: its figures are no longer true."""
@@ -232,8 +238,13 @@ class ResourceMonitor:
         loop = asyncio.get_running_loop()
         while True:
             started = time.monotonic()
-            roots = [(inst.id, inst.pid) for app in self._apps()
-                     for inst in app.all_instances() if inst.pid is not None and inst.state in RUNNING]
+            if self._roots is None:  # rebuilt only after a state change, not every second
+                self._roots = [(inst.id, inst.pid) for app in self._apps()
+                               for inst in app.all_instances()
+                               if inst.pid is not None and inst.state in RUNNING]
+                self._limited = [app for app in self._apps()
+                                 if app.spec.max_memory_restart_bytes is not None]
+            roots = self._roots
             try:
                 samples = await loop.run_in_executor(self._worker, self._sampler.sample, roots)
             except Exception:
@@ -251,7 +262,7 @@ class ResourceMonitor:
         self._worker.shutdown(wait=True)
 
     def _enforce_memory_limits(self) -> None:
-        for app in self._apps():
+        for app in self._limited:
             limit = app.spec.max_memory_restart_bytes
             if limit is None:
                 continue

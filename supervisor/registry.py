@@ -8,6 +8,7 @@ Instance ids are unique for the daemon's life and never reused, as PM2's pm_id.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -155,6 +156,7 @@ class Registry:
                     continue
             errors.extend(problems)
             started.append(spec.name)
+            await asyncio.sleep(0)  # requests and exits are served during a start of many apps
         return {"started": started, "already_running": running, "errors": errors}
 
     # ------------------------------------------------------------ rows
