@@ -88,7 +88,7 @@ class Daemon:
         self.registry = Registry(self._make_app, on_change=self.state_file.apps_changed)
         self.log_files = LogFiles()
         self.reaper = Reaper(self.loop)
-        self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL)
+        self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL, home)
         commands = Commands(self)
         self.control = ControlServer(home, commands.handlers())
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
@@ -102,6 +102,10 @@ class Daemon:
         self._stray_markers: set[bytes] = set()
 
     def _make_app(self, spec: AppSpec, base_env: Mapping[str, str]) -> AppGroup:
+        # PMX_HOME marks every process of this home (with PMX_RUN_ID): after a crash, the
+        # next pmxd finds them even where no file recorded them. An app that runs `pmx`
+        # talks to its own supervisor.
+        base_env = {**base_env, "PMX_HOME": str(self.home)}
         app = AppGroup(spec, base_env=base_env, runtime=self, logs_dir=self.home / LOGS_DIR,
                        log_files=self.log_files, next_id=self.registry.next_id)
         app.sockets = self.recovery.take_sockets(spec.name)
@@ -163,6 +167,7 @@ class Daemon:
     async def stop_all(self) -> None:
         """Stop every app gracefully, together, and forget them."""
         apps = list(self.registry)
+        await asyncio.gather(*(app.halt() for app in apps))  # nothing new starts from here
         await asyncio.gather(*(app.stop("pmxd stopping") for app in apps), return_exceptions=True)
         for app in apps:
             await app.delete()

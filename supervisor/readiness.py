@@ -9,17 +9,30 @@
 2. `ready_check`: "tcp:HOST:PORT" must accept a connection, or "http://..." must answer
    2xx/3xx; probed every 100 ms.
 3. Neither: a reload's replacement is ready once it has stayed up for listen_timeout.
+
+`Readiness` applies these to one app's new instances, together with what drop-in cluster
+mode adds: a preload's listen reports, and seeing the instance accept on the sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .dropin import ListenReport, uses_preload
+from .errors import SpawnError
+from .process import Instance, NotReadyInTime
+from .states import RUNNING, State
+
+if TYPE_CHECKING:
+    from .app import AppGroup
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +139,103 @@ async def wait_probe(check: str, is_alive: Callable[[], bool]) -> bool:
             return True
         await asyncio.sleep(PROBE_INTERVAL_S)
     return False
+
+
+LISTEN_SETTLE_S = 0.1  # quiet time after a listen report before the other instances start
+
+
+class Readiness:
+    """When a new instance of one app counts as ready: its readiness checks (ready_check,
+    wait_ready), its preload's listen reports, or being seen accepting on the app's
+    sockets. In drop-in cluster mode a listen report also teaches pmxd the app's port."""
+
+    def __init__(self, app: AppGroup) -> None:
+        self._app = app
+        self._heard_listening = asyncio.Event()  # a preload reported a listen (dropin.py)
+
+    def on_listening(self, instance: Instance, report: ListenReport) -> None:
+        """A preload says `instance` listens. A port the app bound itself becomes the
+        app's: pmxd takes a copy of that socket and every other instance shares it."""
+        spec, sockets = self._app.spec, self._app.sockets
+        log.info("%s (pid %s) listens on %s%s", instance.name, instance.pid, report.address,
+                 " (the shared socket)" if report.adopted else "")
+        # Only a port learned from the app: with `listen` declared, the cluster's
+        # addresses are those, and the app's other ports stay its own business.
+        if not report.adopted and sockets is not None and uses_preload(spec) \
+                and not spec.listen and instance.pid is not None and instance.pidfd is not None:
+            sockets.adopt(report, instance.pid, instance.pidfd)
+        self._heard_listening.set()
+        if not spec.wait_ready and not spec.ready_check:
+            instance.mark_ready(f"listening on {report.address}")
+
+    def must_learn_port(self) -> bool:
+        spec, sockets = self._app.spec, self._app.sockets
+        return uses_preload(spec) and not spec.listen and sockets is not None and not sockets.shared
+
+    async def wait_listening(self, instance: Instance) -> None:
+        """The first instance of an app whose port is not known yet: wait until it listens
+        (or exits, or listen_timeout passes) before starting the others on its socket."""
+        self._heard_listening.clear()
+        heard = asyncio.ensure_future(self._heard_listening.wait())
+        exited = asyncio.ensure_future(instance.wait_exit())
+        try:
+            await asyncio.wait({heard, exited}, timeout=self._app.spec.listen_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            exited.cancel()
+        # An app may listen on several sockets one after the other (aiohttp binds IPv4,
+        # then IPv6): the others start once the reports have stopped coming.
+        while self._heard_listening.is_set() and instance.pid is not None:
+            self._heard_listening.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard_listening.wait(), LISTEN_SETTLE_S)
+
+    async def settle_start(self, instance: Instance) -> None:
+        """A plain start with a readiness check: online when ready, or after listen_timeout."""
+        try:
+            await self.wait(instance)
+        except SpawnError as exc:
+            if instance.state is State.STARTING:
+                log.warning("%s: %s; counting it online as PM2 does", instance.name, exc)
+                instance.mark_ready(f"assumed ready: {exc}")
+
+    async def wait(self, instance: Instance) -> None:
+        """Until `instance` is ready; SpawnError when it exits or a check never passes."""
+        spec = self._app.spec
+        if spec.ready_check:
+            check = spec.ready_check.replace("{instance}", str(instance.index))
+            inheritance = self._app.inheritance(instance.index)
+            if inheritance is not None and inheritance.port is not None:
+                check = check.replace("{port}", str(inheritance.port))
+            probe = wait_probe(check, lambda: instance.state in RUNNING)
+            try:
+                async with asyncio.timeout(spec.listen_timeout_s):
+                    passed = await probe
+            except TimeoutError:
+                raise SpawnError(f"{instance.name} (pid {instance.pid}): {check} did not "
+                                 f"answer within listen_timeout ({spec.listen_timeout_s:g}s)") from None
+            if not passed:
+                raise SpawnError(f"{instance.name} exited before it was ready "
+                                 f"({instance.last_exit}){instance.stderr_excerpt()}")
+            instance.mark_ready(f"ready: {check} answered")
+        elif spec.wait_ready:
+            await instance.wait_ready(spec.listen_timeout_s)
+        else:
+            # No setting: ready when the app listens (its preload says so) or is seen
+            # accepting on its sockets; a program pmx cannot see (a worker) is ready once it
+            # has stayed up for listen_timeout.
+            watcher = asyncio.ensure_future(self._watch_accepting(instance))
+            try:
+                await instance.wait_ready(spec.listen_timeout_s)
+            except NotReadyInTime:
+                instance.mark_ready(f"up for listen_timeout ({spec.listen_timeout_s:g}s)")
+            finally:
+                watcher.cancel()
+
+    async def _watch_accepting(self, instance: Instance) -> None:
+        sockets = self._app.sockets
+        if sockets is not None and instance.pid is not None and await sockets.wait_accepting(
+                instance.index, instance.pid,
+                lambda: instance.state in (State.STARTING, State.LAUNCHING)):
+            instance.mark_ready("accepting connections")

@@ -40,6 +40,7 @@ from pathlib import Path
 from .app import AppGroup
 from .config import AppSpec, spec_from_table
 from .errors import PmxError
+from .options import Invalid, parse_duration_s
 from .process import Instance
 from .procfs import process_start_time
 from .sockets import AppSockets, ListenSocket
@@ -169,9 +170,10 @@ class _RateLimitedWarning:
 class Recovery:
     """What a previous pmxd left: processes to stop, apps to start, sockets to take over."""
 
-    def __init__(self, state_path: Path, journal_path: Path) -> None:
+    def __init__(self, state_path: Path, journal_path: Path, home: Path) -> None:
         self._state_path = state_path
         self._journal_path = journal_path
+        self._home = home
         self._adopted: dict[str, AppSockets] = {}  # from our own pre-exec image
 
     def take_sockets(self, app: str) -> AppSockets | None:
@@ -182,6 +184,9 @@ class Recovery:
         """A previous pmxd died without stopping its apps: stop what it left, restart it."""
         document = _read_state(self._state_path) or {}
         recorded = _list(document.get("processes")) + _read_journal(self._journal_path)
+        # A process spawned in the instant before pmxd died may be in neither file: every
+        # process of this home carries its marker in its environment.
+        recorded += marked_processes(self._home, _stop_settings(document))
         unique = {(entry.get("pid"), entry.get("start_time")): entry for entry in recorded}
         leftovers = [entry for entry in unique.values() if _still_running(entry)]
         if leftovers:
@@ -251,6 +256,49 @@ def _read_state(path: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
+
+
+def marked_processes(home: Path, settings: Mapping[str, tuple[str, float]]
+                     ) -> list[dict[str, object]]:
+    """Every process (but this one) whose environment carries this home's marker: the
+    PMX_HOME=home and PMX_RUN_ID=... that pmxd gives each app process and that its
+    children inherit. `settings`: app name -> (stop signal, kill timeout)."""
+    marker = f"PMX_HOME={home}".encode()
+    found: list[dict[str, object]] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as file:
+                variables = file.read().split(b"\0")
+        except OSError:
+            continue  # gone, or a kernel thread
+        if marker not in variables or not any(v.startswith(b"PMX_RUN_ID=") for v in variables):
+            continue
+        pid = int(entry.name)
+        app = next((v[13:].decode(errors="replace") for v in variables
+                    if v.startswith(b"PMX_APP_NAME=")), "?")
+        stop_signal, timeout_s = settings.get(app, ("SIGTERM", 5.0))
+        found.append({"app": app, "instance": "?", "pid": pid,
+                      "start_time": process_start_time(pid), "stop_signal": stop_signal,
+                      "kill_timeout_s": timeout_s})
+    return found
+
+
+def _stop_settings(document: Mapping[str, object]) -> dict[str, tuple[str, float]]:
+    """app name -> (stop signal, kill timeout) from the state file's apps."""
+    settings: dict[str, tuple[str, float]] = {}
+    for entry in _list(document.get("apps")):
+        spec = entry.get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            signal_name = spec.get("stop_signal")
+            try:
+                timeout_s = parse_duration_s(spec.get("kill_timeout", 5000))
+            except Invalid:
+                timeout_s = 5.0
+            settings[spec["name"]] = (
+                signal_name if isinstance(signal_name, str) else "SIGTERM", timeout_s)
+    return settings
 
 
 def _read_journal(path: Path) -> list[dict[str, object]]:
