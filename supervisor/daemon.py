@@ -405,11 +405,13 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
         prepare_home(home)
         lock = HomeLock(home)
         lock.acquire()
-    except HomeError as exc:
+    except (HomeError, OSError) as exc:  # OSError: a full disk, a read-only mount
+        message = str(exc) if isinstance(exc, HomeError) else (
+            f"cannot prepare {home}: {exc.strerror}" + (f" ({exc.filename})" if exc.filename else ""))
         if ready_fd is not None:
-            os.write(ready_fd, str(exc).encode())
+            os.write(ready_fd, message.encode())
             os._exit(int(ExitCode.FAILED))
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {message}", file=sys.stderr)
         return int(ExitCode.FAILED)
     _setup_logging(home, args.foreground and not args.log_file)
     errors: list[str] = []

@@ -13,6 +13,8 @@ a socket or the pid file lives. Standard library only (the CLI's start-up time c
       state.json         the live state, for crash recovery
       dump.toml          `pmx save`
       logs/              the apps' logs
+      clients/           client slots: `count`, and one lock file per client connection
+                         pmxd keeps file descriptors for (see client_slots)
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ STATE_FILE = "state.json"
 SPAWN_JOURNAL = "spawned.jsonl"  # pids spawned since state.json was last written
 DUMP_FILE = "dump.toml"
 LOGS_DIR = "logs"
+CLIENTS_DIR = "clients"
+CLIENT_SLOT_COUNT = "count"
 
 
 def default_home() -> Path:
@@ -82,8 +86,12 @@ class HomeLock:
                                 f"{self.path.parent}") from None
             raise
         self._fd = fd
-        self.pid_path.write_text(f"{os.getpid()}\n")
-        os.chmod(self.pid_path, 0o600)
+        try:
+            self.pid_path.write_text(f"{os.getpid()}\n")
+            os.chmod(self.pid_path, 0o600)
+        except OSError as exc:  # a full disk, most likely: say so rather than hang
+            self.release()
+            raise HomeError(f"cannot write {self.pid_path}: {exc.strerror}") from None
 
     def holder(self) -> str:
         try:
@@ -112,3 +120,41 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+# ---------------------------------------------------------------- fds for clients
+#
+# libzmq's ipc listener accepts every connection at once and aborts the whole process
+# when accept() fails with EMFILE (libzmq 4.3.5, src/ipc_listener.cpp: EMFILE is not
+# among the errors it tolerates), so a burst of clients must never find pmxd out of fds.
+# pmxd keeps fds free for a number of client connections (spawns are refused before they
+# eat into them, see spawn.py), and clients take a slot before they connect: an flock on
+# one of the files in home/clients/, held while the connection lives (the kernel releases
+# it when a client dies). A client finding every slot taken waits, then says pmxd is busy.
+
+MIN_FD_RESERVE = 64  # fds spawns always leave free, whatever the limit
+OWN_FD_SPARE = 48  # of them, pmxd's own passing needs (/proc reads, rotation, state file)
+
+
+def client_slots(fd_limit: int) -> int:
+    """How many client connections pmxd keeps fds for under `fd_limit`."""
+    return max(16, min(1024, fd_limit // 8))
+
+
+def fd_reserve(fd_limit: int) -> int:
+    """How many fds a spawn must leave free: the client slots and pmxd's own spare."""
+    return max(MIN_FD_RESERVE, client_slots(fd_limit) + OWN_FD_SPARE)
+
+
+def prepare_client_slots(home: Path, fd_limit: int) -> int:
+    """Create home/clients/ with one lock file per slot and `count`; the slot count."""
+    count = client_slots(fd_limit)
+    directory = home / CLIENTS_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for number in range(count):
+        os.close(os.open(directory / str(number), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC,
+                         0o600))
+    staged = directory / f"{CLIENT_SLOT_COUNT}.new"
+    staged.write_text(f"{count}\n")
+    os.replace(staged, directory / CLIENT_SLOT_COUNT)
+    return count
