@@ -6,20 +6,25 @@ The modules, one responsibility each (imports flow downwards in this list):
     commands.py   the request handlers, each docstring its spec; the command table
     arguments.py  reading a request's arguments (typed, else bad_args) and app tables
     registry.py   the apps by name, instance ids, target resolution, the rows of `list`
-    recovery.py   state.json, crash recovery, the socket hand-over of `pmx update`
+    recovery.py   the spawn journal and state.json snapshots, crash recovery, `pmx update`
     control.py    the ZeroMQ server: ROUTER for requests, PUB for events, stats and logs
-    monitor.py    CPU and memory sampling (psutil, off the loop), memory-limit restarts
+    monitor.py    CPU and memory sampling from /proc (off the loop), memory-limit restarts
+    watch.py      reload on file changes: one watchfiles thread, debounce (watch_delay)
+    cron.py       cron_restart's one timer (croniter); the Reloader that both go through
     app.py        AppGroup: an app's instances; start, stop, scale, one-by-one reload
     process.py    Instance: one slot's process and its state machine
-    spawn.py      creating a process: argv, env, credentials, inherited sockets
+    spawn.py      creating a process: argv, env, credentials, inherited sockets (posix_spawn)
     sockets.py    cluster mode's listening sockets, bound by pmxd
     readiness.py  when an instance counts as ready: notify socket, probes
     accepting.py  whether a process tree waits for connections on a socket (/proc)
     dropin.py     drop-in cluster mode: the preloads' contract, learned ports, Node's IPC
     reaper.py     exits through pidfds; SIGCHLD for strays
     logs.py       pipe readers, log files with rotation, output routing
+    date_format.py  log_date_format: PM2's day.js tokens or strftime, stamped per second
     dump.py       `pmx save` / `pmx resurrect` (the dump is an ecosystem file)
     config.py     ecosystem TOML -> AppSpec, errors naming file, app and key
+    pm2.py        PM2's ecosystem files (.js via node, .json, .yml) -> app tables, with notes
+    procfile.py   Procfiles -> app tables
     options.py    the option table and the parsers of option values
     protocol.py   the wire format both sides import
     states.py     the state names and moves both sides import
@@ -27,6 +32,8 @@ The modules, one responsibility each (imports flow downwards in this list):
     procfs.py     /proc/PID/stat
     sdnotify.py   systemd's notify protocol, for pmxd and for Python apps
     errors.py     the exception tree and exit codes
+    preload/      data files loaded into cluster children: node/pmx_cluster.js,
+                  python/sitecustomize.py (no dependencies)
 
 The path of `pmx reload api`: cli/main.py -> cli/client.py + protocol.py -> commands.py
 (Commands.reload) -> app.py (AppGroup.reload, replace) -> process.py (Instance).
