@@ -63,6 +63,7 @@ class AppGroup:
         self._served_check: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._operation: asyncio.Task[object] | None = None  # the task running `busy`
+        self._automatic = False  # that task is a reload pmxd started by itself
         self._readiness = Readiness(self)
 
     @property
@@ -78,16 +79,27 @@ class AppGroup:
             raise CommandError("busy", f'app "{self.name}" is busy: {self.busy} is running')
 
     @contextlib.asynccontextmanager
-    async def operation(self, what: str) -> AsyncIterator[None]:
+    async def operation(self, what: str, *, automatic: bool = False) -> AsyncIterator[None]:
+        """`automatic`: pmxd started it by itself (watch, cron); a user's command preempts it."""
         self.check_idle()
         self.busy = what
-        self._operation = asyncio.current_task()
+        self._operation, self._automatic = asyncio.current_task(), automatic
         try:
             yield
         finally:
             self.busy = None
             self._operation = None
             self._release_idle_sockets()
+
+    async def preempt(self) -> None:
+        """A user's command goes before a reload pmxd started by itself: that one is
+        cancelled where it is (a replacement it started is stopped), so that `pmx stop`
+        of an app whose files keep changing is never refused as busy."""
+        task = self._operation
+        if self.busy is not None and self._automatic and task is not None \
+                and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait({task})
 
     async def halt(self) -> None:
         """pmxd is stopping: end the running operation (a reload, a scale, a memory

@@ -172,6 +172,7 @@ class Commands:
         """target or targets -> {stopped: [labels], results, errors}. Stop signal,
         kill_timeout, SIGKILL."""
         async def stop_one(target: Target) -> None:
+            await target.app.preempt()
             async with target.app.operation("stop"):
                 if target.chosen is None:
                     await target.app.stop()
@@ -184,6 +185,7 @@ class Commands:
         """target or targets -> {restarted: [labels], results, errors}: stop, then start (a gap;
         `reload` has none). A spawn failure is reported in errors, the instance errored."""
         async def restart_one(target: Target) -> list[str]:
+            await target.app.preempt()
             async with target.app.operation("restart"):
                 if target.chosen is None:
                     return await target.app.restart()
@@ -236,8 +238,11 @@ class Commands:
             result["started"] = started["started"]
         return result
 
-    async def _reload_apps(self, targets: list[tuple[AppGroup, AppSpec | None]]) -> JsonObject:
+    async def _reload_apps(self, targets: list[tuple[AppGroup, AppSpec | None]], *,
+                           automatic: bool = False) -> JsonObject:
         for app, _ in targets:
+            if not automatic:
+                await app.preempt()
             app.check_idle()
         reloaded: list[Json] = []
         for app, new_spec in targets:
@@ -245,7 +250,7 @@ class Commands:
                 log.info("reload: %s", message)
                 self._host.publish_event(app_name, "reload", message)
 
-            async with app.operation("reload"):
+            async with app.operation("reload", automatic=automatic):
                 previous = app.spec
                 try:
                     await app.reload(progress, new_spec)
@@ -264,7 +269,7 @@ class Commands:
         time) takes the path of `pmx reload NAME`, its reason in the events and the log."""
         log.info("%s: reload: %s", app.name, reason)
         self._host.publish_event(app.name, "reload", reason)
-        await self._reload_apps([(app, None)])
+        await self._reload_apps([(app, None)], automatic=True)
 
     async def reset(self, args: Args) -> JsonObject:
         """target or targets -> {reset: [labels], results, errors}: restart counters to 0
@@ -303,6 +308,7 @@ class Commands:
 
         async def delete_one(target: Target) -> None:
             app = target.app
+            await app.preempt()
             async with app.operation("delete"):
                 if target.chosen is None or len(target.chosen) == len(app.instances):
                     await app.delete()

@@ -189,3 +189,43 @@ def test_an_invalid_cron_expression_is_a_config_error_naming_the_key(pmx: Pmx,
     assert re.match(r'pmx: .*badcron\.toml: app "badcron" \(apps\[0\]\): cron_restart must be '
                     r'a cron expression', result.stderr), result.stderr
     assert pmx.daemon_pid() is None  # refused before any daemon started
+
+
+def test_stop_goes_before_a_reload_of_files_that_keep_changing(pmx: Pmx, tmp_path: Path) -> None:
+    """A watched folder that changes more often than a reload takes must not make the
+    app impossible to stop: the user's command cancels the automatic reload."""
+    import threading
+
+    site = tmp_path / "busy"
+    site.mkdir()
+    # Each reload takes listen_timeout (2 s); the folder changes every 0.5 s.
+    eco = pmx.write("busy.toml", f"""
+[[apps]]
+name = "busy"
+script = "{app_path('idle.py')}"
+cwd = "{site}"
+listen_timeout = "2s"
+watch_delay = "200ms"
+watch = true
+""")
+    pmx.run("start", str(eco))
+    pmx.wait_status("busy", "online")
+    stop_writing = threading.Event()
+
+    def keep_writing() -> None:
+        number = 0
+        while not stop_writing.wait(0.5):
+            number += 1
+            (site / f"f{number % 5}.txt").write_text(str(number))
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    try:
+        wait_reasons(pmx, "busy", 1)  # a reload is running or queued
+        result = pmx.run("stop", "busy", check=False)
+        assert result.returncode == 0, result.stderr
+        pmx.wait_status("busy", "stopped")
+    finally:
+        stop_writing.set()
+        writer.join(timeout=5)
+    assert all(row["status"] == "stopped" for row in pmx.instances("busy"))
