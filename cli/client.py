@@ -6,6 +6,12 @@ none runs instead of starting one. A daemon that died without cleaning up (SIGKI
 leaves its socket and pid file behind: before waiting for an answer, the client checks
 that the pid file names a live process holding the home's lock, and says at once that
 pmxd is not running otherwise.
+
+Before it connects, a client takes one of pmxd's client slots (an flock on a file in
+home/clients/, see supervisor/home.py): pmxd keeps file descriptors free for that many
+connections, because libzmq aborts it when accept() runs out of them. A client finding
+every slot taken waits, then says pmxd is busy. Subscriptions (`logs`, `monit`, `web`),
+which last, may take only SUBSCRIBER_SHARE of the slots, so requests always get through.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 import zmq
 from pmx.supervisor.errors import CommandError, DaemonUnreachable, ProtocolError
 from pmx.supervisor.home import (
+    CLIENT_SLOT_COUNT,
+    CLIENTS_DIR,
     DAEMON_LOG,
     LOCK_FILE,
     PID_FILE,
@@ -30,6 +38,7 @@ from pmx.supervisor.home import (
 from pmx.supervisor.procfs import read_stat
 from pmx.supervisor.protocol import (
     MAX_MESSAGE_BYTES,
+    PUBLISH_HWM,
     Command,
     JsonObject,
     Request,
@@ -43,6 +52,9 @@ from .render import home_relative
 DEFAULT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
 LIVENESS_CHECK_S = 0.25  # while waiting for a reply: how often to check pmxd still lives
+SUBSCRIBER_SHARE = 0.75  # of the client slots, what long-lived subscriptions may hold
+SLOT_RETRY_S = 0.1
+SLOT_WAIT_S = 10.0  # at most, for a free slot (a request waits no longer than its timeout)
 
 
 def home_path() -> Path:
@@ -97,6 +109,7 @@ class Client:
         self.pub_path = self.home / PUB_SOCKET
         self.pid_path = self.home / PID_FILE
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._subscriber_slots: dict[zmq.Socket[bytes], int] = {}
 
     @property
     def context(self) -> zmq.Context[zmq.Socket[bytes]]:
@@ -105,6 +118,9 @@ class Client:
         return self._context
 
     def close(self) -> None:
+        for slot in self._subscriber_slots.values():
+            os.close(slot)
+        self._subscriber_slots.clear()
         if self._context is not None:
             self._context.destroy(linger=0)
             self._context = None
@@ -154,6 +170,7 @@ class Client:
             raise CommandError("too_large", f"the {command.value} request is {len(data):,} bytes, "
                                             f"over pmx's {MAX_MESSAGE_BYTES:,} byte limit; "
                                             "large environments or env values are the usual cause")
+        slot = self._take_slot(1.0, min(timeout_s, SLOT_WAIT_S))
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -188,6 +205,39 @@ class Client:
                 return reply.result
         finally:
             sock.close(linger=0)
+            if slot is not None:
+                os.close(slot)
+
+    def _take_slot(self, share: float, timeout_s: float) -> int | None:
+        """Lock one of pmxd's client slots (of the first `share` of them); its fd, to close
+        once the connection is closed. None when pmxd has no slots (it is starting)."""
+        directory = self.home / CLIENTS_DIR
+        try:
+            count = int((directory / CLIENT_SLOT_COUNT).read_text())
+        except (OSError, ValueError):
+            return None
+        usable = max(1, int(count * share))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            first = int.from_bytes(os.urandom(2), "little")
+            for number in range(usable):
+                try:
+                    fd = os.open(directory / str((first + number) % usable),
+                                 os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return None  # the slots are being remade: a new pmxd
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    continue
+                return fd
+            if time.monotonic() > deadline:
+                raise CommandError("busy", f"pmxd is busy: all the {usable} client connections "
+                                           f"it keeps file descriptors for are in use (home "
+                                           f"{home_relative(self.home)}); try again, or raise "
+                                           "its open-file limit (ulimit -n, LimitNOFILE)")
+            time.sleep(SLOT_RETRY_S * (0.5 + first / 65536))
 
     def daemon_pid(self) -> int | None:
         try:
@@ -228,15 +278,23 @@ class Client:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             timeout=START_TIMEOUT_S, check=False,
         )
+        lost_race = False
         if result.returncode != 0:
-            message = result.stderr.decode(errors="replace").strip().splitlines()
-            raise DaemonUnreachable(message[-1] if message else "pmxd failed to start")
+            # Another client started pmxd at the same time and its daemon took the home's
+            # lock first: ours said "already running". Use the winner once it answers.
+            lock = self.home / LOCK_FILE
+            lost_race = lock.exists() and lock_is_held(lock)
+            if not lost_race:
+                message = result.stderr.decode(errors="replace").strip().splitlines()
+                raise DaemonUnreachable(message[-1] if message else "pmxd failed to start")
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.is_running():
             if time.monotonic() > deadline:
                 raise DaemonUnreachable(f"pmxd did not answer within {START_TIMEOUT_S:g}s "
                                         f"after starting (see {self.home / DAEMON_LOG})")
             time.sleep(0.02)
+        if lost_race:
+            return False
         if announce:
             print(f"[pmx] started pmxd (home {home_relative(self.home)})", file=sys.stderr)
         return True
@@ -244,9 +302,14 @@ class Client:
     def subscribe(self, topics: list[str]) -> zmq.Socket[bytes]:
         if not self.pub_path.exists():
             raise self.not_running()
+        for old in [old for old in self._subscriber_slots if old.closed]:
+            os.close(self._subscriber_slots.pop(old))
+        slot = self._take_slot(SUBSCRIBER_SHARE, DEFAULT_TIMEOUT_S)
         sock = self.context.socket(zmq.SUB)
+        if slot is not None:
+            self._subscriber_slots[sock] = slot
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.setsockopt(zmq.RCVHWM, PUBLISH_HWM)  # what we hold unread is bounded too
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         sock.connect(f"ipc://{self.pub_path}")

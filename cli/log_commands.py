@@ -22,6 +22,7 @@ from pmx.supervisor.protocol import (
     EVENT_PREFIX,
     LOG_PREFIX,
     Command,
+    DroppedLines,
     JsonObject,
     event_topic,
     log_topic,
@@ -85,10 +86,14 @@ def logs(target: str, lines: int, nostream: bool, only_err: bool, only_out: bool
     if not as_json:
         click.echo(click.style("following live; Ctrl-C to stop", dim=True), err=True)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    dropped = DroppedLines()
     for topic, body in client.stream(subscription):
         if topic.startswith(EVENT_PREFIX):
             show.event(body)
             continue
+        missed = dropped.missed(body)
+        if missed:
+            show.dropped(str(body.get("app")), missed)
         if body.get("stream") not in streams:
             continue
         name, index = str(body.get("app")), body.get("instance")
@@ -122,6 +127,15 @@ class _Printer:
                                    "time": when, "message": text}, ensure_ascii=False))
             return
         click.echo(f"{self._stamp(when)}{label} {self.clean(text)}", color=True)
+
+    def dropped(self, app: str, count: int) -> None:
+        """pmxd dropped lines this viewer did not read in time (suspended, a slow terminal)."""
+        message = f"{count} lines dropped (the viewer was too slow)"
+        if self.as_json:
+            click.echo(json.dumps({"app": app, "instance": None, "stream": "pmx",
+                                   "time": time.time(), "message": message}))
+            return
+        click.echo(self._stamp(time.time()) + click.style(f"[pmx] {app}: {message}", dim=True))
 
     def event(self, body: JsonObject) -> None:
         """pmxd's word about an app; state changes are left to `pmx list` and monit."""

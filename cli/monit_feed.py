@@ -33,6 +33,7 @@ from pmx.supervisor.protocol import (
     LOG_PREFIX,
     STATS_TOPIC,
     Command,
+    DroppedLines,
     JsonObject,
     decode_publication,
 )
@@ -108,6 +109,7 @@ class Feed:
         self.consumed = threading.Event()
         self.consumed.set()
         self._batch = Batch()
+        self._dropped = DroppedLines()  # lines pmxd dropped while we were too slow
         self._last_stats = time.monotonic()
         self._is_down = False
         self._thread = threading.Thread(target=self._run, name="pmx-monit-feed", daemon=True)
@@ -191,6 +193,8 @@ class Feed:
                     continue
                 if topic == STATS_TOPIC:
                     self._last_stats = time.monotonic()
+                elif topic.startswith(LOG_PREFIX):
+                    self._batch.dropped_logs += self._dropped.missed(body)
                 self._batch.add(topic, body)
         if self._batch and self.consumed.is_set():
             self.consumed.clear()

@@ -223,6 +223,8 @@ def describe(apps: Sequence[JsonObject]) -> None:
         table.add_column("default", style="dim", overflow="fold")
         if app.get("mode"):
             table.add_row("mode", neutralise(str(app.get("mode"))), "")
+        if app.get("processes"):
+            table.add_row("processes", neutralise(str(app.get("processes"))), "")
         unserved = app.get("unserved")
         if isinstance(unserved, list) and unserved:
             table.add_row("not accepting", neutralise(", ".join(map(str, unserved))

@@ -210,7 +210,7 @@ class AppGroup:
         out, err = self.log_paths(index)
         return self._log_files.acquire(out if stream == "out" else err,
                                        max_size=self.spec.max_log_size_bytes,
-                                       retain=self.spec.retain)
+                                       retain=self.spec.retain, spec=self.spec, stream=stream)
 
     def _on_instance_change(self, instance: Instance) -> None:
         needs_watch = instance.state is State.STARTING and (

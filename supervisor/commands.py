@@ -55,6 +55,7 @@ class Host(Protocol):
     registry: Registry
     monitor: ResourceMonitor
     log_files: LogFiles
+    process_tracking: str  # how an instance's processes are found and ended (cgroups.py)
 
     def publish_event(self, app: str, kind: str, message: str) -> None: ...
 
@@ -125,6 +126,7 @@ class Commands:
                             "command": list[Json](app.spec.command())})
                 instances.append(row)
             described.append({"name": app.name, "spec": json_table(table), "mode": app.mode,
+                              "processes": self._host.process_tracking,
                               "listen": list[Json](app.sockets.bound_addresses()
                                                    if app.sockets else []),
                               "unserved": list[Json](app.unserved),
@@ -352,7 +354,7 @@ class Commands:
             paths: set[Path] = set()
             for index in range(max(app.spec.instances, len(app.instances))):
                 paths.update(app.log_paths(index))
-            self._host.log_files.flush(paths)
+            self._host.log_files.flush(paths, app.spec)
             flushed.extend(str(p) for p in sorted(paths))
         return {"flushed": flushed}
 

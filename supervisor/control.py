@@ -7,6 +7,10 @@ attribute. Damage of any kind (too large, not JSON, wrong version, unknown comma
 wrong argument types) gets an error reply; a bug in a handler gets an `internal` reply
 and a traceback in the daemon's log, never on the wire.
 
+A burst of clients: libzmq aborts the process when accepting a connection fails with
+EMFILE, so clients take a slot (home.py, `client_slots`) before they connect and spawns
+leave fds free for every slot.
+
 Access: the sockets live in the 0700 home and are 0600 themselves; libzmq's
 IPC_FILTER_UID drops connections from other uids, and each request's sender uid (from
 the kernel, via the Peer-Address property) is checked again before dispatch.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -24,14 +29,18 @@ import zmq
 import zmq.asyncio
 
 from .errors import CommandError, PmxError, ProtocolError
+from .home import prepare_client_slots
 from .protocol import (
+    LOG_PREFIX,
     MAX_MESSAGE_BYTES,
+    PUBLISH_HWM,
     Command,
     ErrorCode,
     JsonObject,
     Reply,
     Request,
     decode_request,
+    encode_log_publications,
     encode_publication,
     encode_reply,
     error_reply,
@@ -53,15 +62,25 @@ class ControlServer:
         self._pub = self._context.socket(zmq.PUB)
         self._tasks: set[asyncio.Task[None]] = set()
         self._receiver: asyncio.Task[None] | None = None
+        self._line_seq: dict[str, int] = {}  # log topic -> seq of its next line
+        self.client_slots = 0
 
     def bind(self) -> None:
+        # Clients take one of these slots before connecting, so that no burst of them
+        # can make libzmq's accept() hit EMFILE, which aborts pmxd (see home.py).
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+        self.client_slots = prepare_client_slots(self.rpc_path.parent, limit)
         for sock in (self._router, self._pub):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IPC_FILTER_UID, self._uid)
         self._router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._router.setsockopt(zmq.SNDHWM, 10000)
-        self._pub.setsockopt(zmq.SNDHWM, 100000)
+        # Per subscriber, in messages of at most MAX_PUBLICATION_BYTES: a subscriber that
+        # stops reading costs at most PUBLISH_BUDGET_BYTES, then loses messages.
+        self._pub.setsockopt(zmq.SNDHWM, PUBLISH_HWM)
         self._pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers send only subscriptions
         self._router.bind(f"ipc://{self.rpc_path}")
         self._pub.bind(f"ipc://{self.pub_path}")
@@ -72,12 +91,23 @@ class ControlServer:
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
 
     def publish(self, topic: str, body: Mapping[str, object]) -> None:
-        try:
-            self._pub.send_multipart(encode_publication(topic, body), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # a subscriber too slow for the stream loses messages, never the daemon
-        except zmq.ZMQError as exc:
-            log.warning("publish %s failed: %s", topic, exc)
+        """Send at once, never queue here: PUB drops what a subscriber at its high-water
+        mark cannot take (log lines carry "seq", so the subscriber can say so)."""
+        lines = body.get("lines")
+        if topic.startswith(LOG_PREFIX) and isinstance(lines, list):
+            head = {key: value for key, value in body.items() if key != "lines"}
+            messages, self._line_seq[topic] = encode_log_publications(
+                topic, head, lines, self._line_seq.get(topic, 0))
+        else:
+            messages = [encode_publication(topic, body)]
+        for frames in messages:
+            try:
+                self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a subscriber too slow for the stream loses messages, never the daemon
+            except zmq.ZMQError as exc:
+                log.warning("publish %s failed: %s", topic, exc)
+                return
 
     async def _receive_loop(self) -> None:
         while True:

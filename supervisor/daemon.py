@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import __version__, sdnotify
 from .app import AppGroup
+from .cgroups import Cgroups, describe_tracking
 from .commands import Commands
 from .config import AppSpec, parse_ecosystem
 from .control import ControlServer
@@ -97,6 +98,10 @@ class Daemon:
                                        publish=self.control.publish, app_event=self.publish_event)
         self.notify = NotifySocket(self.loop, home / NOTIFY_SOCKET, self._on_notify)
         self.notify_socket_path: str | None = self.notify.path
+        self.cgroups = None if os.environ.get("PMX_CGROUPS") == "0" else Cgroups.detect(home)
+        self.process_tracking = describe_tracking(self.cgroups)
+        if self.cgroups is not None and self.cgroups.memory:
+            self.monitor.memory_of = self.cgroups.memory_of
         self.auto_reload = AutoReload(self.loop, lambda: self.registry, self.registry.get,
                                       commands.reload_because, home)
         self._stray_markers: set[bytes] = set()
@@ -127,8 +132,10 @@ class Daemon:
         })
 
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
-        """A process was just spawned: journal its pid first, then watch for its exit."""
+        """A process was just spawned: journal its pid first, give it its own cgroup
+        (where pmxd can), then watch for its exit."""
         self.state_file.spawned(instance)
+        instance.cgroup = self.cgroups.place(instance.id, pid) if self.cgroups else None
         self.reaper.watch(pid, pidfd, instance.on_exit)
 
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None:
@@ -140,8 +147,14 @@ class Daemon:
         self.output.attach(app, instance, stdout_fd, stderr_fd)
 
     def forget(self, instance: Instance) -> None:
+        """The instance's main process ended: its figures go, and whatever it left in
+        its cgroup is ended (cgroup.kill) and the cgroup removed once empty."""
         if instance.pid is not None:
             self.monitor.forget(instance.pid)
+        group, instance.cgroup = instance.cgroup, None
+        if group is not None and self.cgroups is not None:
+            self.cgroups.kill(group)
+            self.cgroups.remove_soon(self.loop, group)
 
     def kill_strays(self, run_id: str) -> None:
         """Queue a sweep for processes of this spawn that escaped its group (one sweep per
@@ -236,6 +249,8 @@ class Daemon:
         self.control.start()
         await self.recovery.recover(
             lambda specs, env: self.start_specs(specs, env, skip_existing=True))
+        if self.cgroups is not None:
+            self.cgroups.remove_stale()  # what recovery's graceful stop left, if anything
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
@@ -249,15 +264,17 @@ class Daemon:
             os.write(ready_fd, "; ".join(self.startup_errors).encode() or b"ok")
             os.close(ready_fd)
         if not self.startup_errors:
-            _tell_systemd(f"READY=1\nSTATUS=supervising {len(self.registry)} apps\n"
+            sdnotify.tell_systemd(f"READY=1\nSTATUS=supervising {len(self.registry)} apps\n"
                           f"MAINPID={os.getpid()}")
         background = [self.loop.create_task(self.monitor.run()),
-                      self.loop.create_task(self._watchdog_loop())]
+                      self.loop.create_task(sdnotify.watchdog_loop())]
         await self._stopping.wait()
         await self.auto_reload.close()
-        _tell_systemd("STOPPING=1")
+        sdnotify.tell_systemd("STOPPING=1")
         log.info("pmxd stopping: stopping %d apps", len(self.registry))
         await self.stop_all()
+        if self.cgroups is not None:
+            await self.cgroups.remove_all()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -296,21 +313,6 @@ class Daemon:
         for error in errors:
             log.error("%s; pmxd stops", error)
         return errors
-
-    async def _watchdog_loop(self) -> None:
-        usec = os.environ.get("WATCHDOG_USEC")
-        watchdog_pid = os.environ.get("WATCHDOG_PID")
-        if not usec or not usec.isdigit() or (watchdog_pid and watchdog_pid != str(os.getpid())):
-            return
-        while True:
-            _tell_systemd("WATCHDOG=1")
-            await asyncio.sleep(int(usec) / 2e6)
-
-
-def _tell_systemd(message: str) -> None:
-    """sd_notify for pmxd itself (Type=notify); a no-op when not run by systemd."""
-    if os.environ.get("NOTIFY_SOCKET") and not sdnotify.send(message):
-        log.warning("cannot notify systemd at %s", os.environ.get("NOTIFY_SOCKET"))
 
 
 # ---------------------------------------------------------------- entry point

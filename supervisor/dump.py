@@ -2,7 +2,9 @@
 
 Writing is atomic: a temporary file in the same folder, fsync, then rename over the
 dump, with the previous dump kept as dump.toml.bak. A failed write (disk full,
-read-only folder) raises and leaves the previous dump byte-identical.
+read-only folder) raises and leaves the previous dump byte-identical. The temporary is
+created new with O_EXCL|O_NOFOLLOW and mode 0600 (safe_files.create_new): a file or
+symlink left or planted at its name is removed, never written through.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tomli_w
 
 from .config import AppSpec, parse_ecosystem
 from .errors import CommandError
+from .safe_files import create_new
 
 
 def write_dump(path: Path, specs: Sequence[AppSpec]) -> None:
@@ -24,7 +27,7 @@ def write_dump(path: Path, specs: Sequence[AppSpec]) -> None:
             b"this file.\n") + tomli_w.dumps(document).encode()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = create_new(str(temporary))  # 0600 whatever the umask; never through a link
         try:
             view = memoryview(data)
             while view:

@@ -87,8 +87,14 @@ class HomeLock:
             raise
         self._fd = fd
         try:
-            self.pid_path.write_text(f"{os.getpid()}\n")
-            os.chmod(self.pid_path, 0o600)
+            # O_NOFOLLOW and fchmod: the mode is set, never left to the umask (issue 16).
+            pid_fd = os.open(self.pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(pid_fd, 0o600)
+                os.write(pid_fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(pid_fd)
         except OSError as exc:  # a full disk, most likely: say so rather than hang
             self.release()
             raise HomeError(f"cannot write {self.pid_path}: {exc.strerror}") from None
@@ -138,7 +144,7 @@ OWN_FD_SPARE = 48  # of them, pmxd's own passing needs (/proc reads, rotation, s
 
 def client_slots(fd_limit: int) -> int:
     """How many client connections pmxd keeps fds for under `fd_limit`."""
-    return max(16, min(1024, fd_limit // 8))
+    return max(16, min(1024, fd_limit // 16))
 
 
 def fd_reserve(fd_limit: int) -> int:

@@ -11,7 +11,13 @@ back only until that size: a 10 MB line costs bounded memory.
 
 A log file that cannot be written (disk full) does not stop the app or the daemon: the
 lines are dropped, a warning is logged at most once a minute, and writing resumes when
-the disk has room again.
+the disk has room again (tried again after 0.25 s, doubling to 8 s, never per line).
+
+Log files are opened, rotated and flushed only through safe_files (issue 16): never
+through a symlink or into a FIFO, and in a folder another user can write only with the
+app's `user` credentials; any other log there is refused with a warning that names the
+app, the key (out_file, error_file) and the folder. Flush and `retain = 0` rotation empty
+the open file through its descriptor; rotation renames inside the folder's descriptor.
 
 `OutputRouter` wires an instance's two pipes: each chunk of lines goes to the app's log
 file, to the live stream (topic log.APP:), to the instance's stderr tail (shown when a
@@ -31,11 +37,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import safe_files
 from .date_format import compile_date_format
+from .errors import CommandError
 from .protocol import log_topic
+from .safe_files import Owner
 
 if TYPE_CHECKING:
     from .app import AppGroup
+    from .config import AppSpec
     from .process import Instance
 
 log = logging.getLogger(__name__)
@@ -45,70 +55,94 @@ READ_CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
 WARN_EVERY_S = 60.0
+RETRY_FIRST_S = 0.25  # after a failed open or write, the next try; doubled each failure
+RETRY_MAX_S = 8.0
+UNSAFE_HINT = ("; pmxd writes a log only where no other user can plant a link: choose a "
+               "folder only pmxd's user can write, or run the app as that folder's user")
 
 LineSink = Callable[[str, list[bytes]], None]  # (stream, lines) -> None
 
 
 class LogFile:
-    """An append-only log file, shared by the instances that write to it."""
+    """An append-only log file, shared by the instances that write to it.
 
-    def __init__(self, path: Path, *, max_size: int | None, retain: int) -> None:
+    Opened, rotated and emptied only through safe_files: never through a symlink, never
+    in a folder another user can write unless as the app's `user` (`owner`). Opening
+    happens once per file and per rotation, never per line. After a failure the file is
+    not opened again for a while (RETRY_FIRST_S, doubling to RETRY_MAX_S), so a refused
+    path or a full disk costs no syscall per line."""
+
+    def __init__(self, path: Path, *, max_size: int | None, retain: int,
+                 owner: Owner | None = None, label: str = "") -> None:
         self.path = path
         self.max_size = max_size
         self.retain = retain
+        self.owner = owner
+        self.label = label  # 'app "api" out_file', for warnings
         self.users = 0
         self._fd: int | None = None
         self._size = 0
         self._last_warning = 0.0
+        self._retry_at = 0.0
+        self._retry_s = RETRY_FIRST_S
         self.dropped_lines = 0
 
     def _open(self) -> int:
         if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
+            self._fd = safe_files.open_append(str(self.path), self.owner)
             self._size = os.fstat(self._fd).st_size
         return self._fd
 
     def write(self, data: bytes) -> None:
+        if self._fd is None and time.monotonic() < self._retry_at:
+            self.dropped_lines += data.count(b"\n")
+            return
         try:
             fd = self._open()
             if self.max_size is not None and self._size + len(data) > self.max_size and self._size:
-                self._rotate()
-                fd = self._open()
+                fd = self._rotate()
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
                 self._size += written
+            self._retry_s = RETRY_FIRST_S
         except OSError as exc:
-            self.dropped_lines += data.count(b"\n")
-            now = time.monotonic()
-            if now - self._last_warning >= WARN_EVERY_S:
-                self._last_warning = now
-                log.warning("cannot write log %s: %s; dropping lines until it can "
-                            "(%d dropped so far)", self.path, exc.strerror or exc,
-                            self.dropped_lines)
-            self.close()  # reopen next time: the file may have been replaced or freed
+            self._failed(data, exc)
 
-    def _rotate(self) -> None:
-        """file -> file.1 -> file.2 ... keeping `retain` rotated files."""
-        self.close()
+    def _failed(self, data: bytes, exc: OSError) -> None:
+        self.dropped_lines += data.count(b"\n")
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY_S:
+            self._last_warning = now
+            hint = UNSAFE_HINT if isinstance(exc, safe_files.UnsafeFolder) else ""
+            log.warning("%scannot write log %s: %s%s; dropping lines until it can "
+                        "(%d dropped so far)", f"{self.label}: " if self.label else "",
+                        self.path, exc.strerror or exc, hint, self.dropped_lines)
+        self.close()  # reopen later: the file may have been replaced or freed
+        self._retry_at = now + self._retry_s
+        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+
+    def _rotate(self) -> int:
+        """file -> file.1 -> file.2 ... keeping `retain` rotated files; with retain 0 the
+        open file is emptied through its own descriptor."""
         if self.retain <= 0:
-            os.truncate(self.path, 0)
-            return
-        oldest = self.path.with_name(f"{self.path.name}.{self.retain}")
-        oldest.unlink(missing_ok=True)
-        for number in range(self.retain - 1, 0, -1):
-            source = self.path.with_name(f"{self.path.name}.{number}")
-            if source.exists():
-                source.rename(self.path.with_name(f"{self.path.name}.{number + 1}"))
-        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+            fd = self._open()
+            safe_files.truncate(fd)
+            self._size = 0
+            return fd
+        self.close()
+        self._fd = safe_files.rotate(str(self.path), self.retain, self.owner)
+        self._size = 0
+        return self._fd
 
     def truncate(self) -> None:
-        self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.truncate(self.path, 0)
+        """Empty the file: the open one through its descriptor, else a safely opened one."""
+        if self._fd is not None:
+            safe_files.truncate(self._fd)
+            self._size = 0
+        else:
+            safe_files.truncate_path(str(self.path), self.owner)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -123,10 +157,15 @@ class LogFiles:
     def __init__(self) -> None:
         self._files: dict[Path, LogFile] = {}
 
-    def acquire(self, path: Path, *, max_size: int | None, retain: int) -> LogFile:
+    def acquire(self, path: Path, *, max_size: int | None, retain: int,
+                spec: AppSpec | None = None, stream: str = "out") -> LogFile:
+        """The file at `path`; `spec` gives the app's user (who writes in a folder pmxd
+        does not trust) and the names its warnings use."""
         file = self._files.get(path)
         if file is None:
-            file = self._files[path] = LogFile(path, max_size=max_size, retain=retain)
+            owner, label = _owner_and_label(spec, stream)
+            file = self._files[path] = LogFile(path, max_size=max_size, retain=retain,
+                                               owner=owner, label=label)
         file.users += 1
         return file
 
@@ -136,18 +175,37 @@ class LogFiles:
             file.close()
             self._files.pop(file.path, None)
 
-    def flush(self, paths: set[Path]) -> None:
-        for path in paths:
+    def flush(self, paths: set[Path], spec: AppSpec | None = None) -> None:
+        """Empty these files; raises CommandError naming those that were refused or
+        failed, once every other one is done."""
+        problems: list[str] = []
+        owner, _ = _owner_and_label(spec, "out")
+        for path in sorted(paths):
             file = self._files.get(path)
-            if file is not None:
-                file.truncate()
-            elif path.exists():
-                os.truncate(path, 0)
+            try:
+                if file is not None:
+                    file.truncate()
+                else:
+                    safe_files.truncate_path(str(path), owner)
+            except OSError as exc:
+                problems.append(f"{path}: {exc.strerror or exc}")
+        if problems:
+            who = f'app "{spec.name}": ' if spec is not None else ""
+            raise CommandError("failed", f"{who}cannot flush " + "; ".join(problems))
 
     def close_all(self) -> None:
         for file in self._files.values():
             file.close()
         self._files.clear()
+
+
+def _owner_and_label(spec: AppSpec | None, stream: str) -> tuple[Owner | None, str]:
+    if spec is None:
+        return None, ""
+    key = spec.out_file if stream == "out" else spec.error_file
+    label = f'app "{spec.name}"' + ("" if key is None else
+                                    " out_file" if stream == "out" else " error_file")
+    return safe_files.app_owner(spec.user, spec.group), label
 
 
 class PipeReader:

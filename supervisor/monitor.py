@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .options import format_size
@@ -223,6 +225,10 @@ class ResourceMonitor:
         self._sampler = Sampler()
         self._roots: list[tuple[int, int]] | None = None  # (instance id, pid) to sample
         self._limited: list[AppGroup] = []  # apps with max_memory_restart, with _roots
+        self._groups: dict[int, Path] = {}  # pid -> its instance's cgroup, with _roots
+        # memory.current of an instance's cgroup, where pmxd gave it one with the memory
+        # controller (set by the daemon); else the tree's resident pages are summed.
+        self.memory_of: Callable[[Path], int | None] | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pmx-sampler")
 
     def instances_changed(self) -> None:
@@ -244,12 +250,17 @@ class ResourceMonitor:
                                if inst.pid is not None and inst.state in RUNNING]
                 self._limited = [app for app in self._apps()
                                  if app.spec.max_memory_restart_bytes is not None]
+                self._groups = {inst.pid: inst.cgroup for app in self._apps()
+                                for inst in app.all_instances()
+                                if inst.cgroup is not None and inst.pid is not None}
             roots = self._roots
             try:
                 samples = await loop.run_in_executor(self._worker, self._sampler.sample, roots)
             except Exception:
                 log.exception("bug: sampling failed")
                 samples = []
+            if self.memory_of is not None:  # the cgroup's own figure (cgroups.py)
+                samples = [self._with_cgroup_memory(sample) for sample in samples]
             self.stats = {sample.pid: sample for sample in samples}
             self._publish(STATS_TOPIC, {"time": time.time(), "instances": [
                 {"id": s.id, "pid": s.pid, "cpu": s.cpu, "memory": s.memory,
@@ -257,6 +268,11 @@ class ResourceMonitor:
             self._enforce_memory_limits()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.01, self.interval_s - elapsed))
+
+    def _with_cgroup_memory(self, sample: InstanceStats) -> InstanceStats:
+        group = self._groups.get(sample.pid)
+        memory = self.memory_of(group) if group is not None and self.memory_of else None
+        return sample if memory is None else dataclasses.replace(sample, memory=memory)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)

@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from .config import AppSpec
@@ -110,6 +111,7 @@ class Instance:
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.start_time: int | None = None  # the kernel's, of pid: a recycled pid differs
+        self.cgroup: Path | None = None  # its own cgroup, where pmxd can make one (cgroups.py)
         self.started_at: float | None = None  # monotonic, for uptime
         self.restarts = 0
         self.unstable_restarts = 0

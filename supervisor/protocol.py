@@ -18,8 +18,14 @@ Examples (version 1)::
     event    event.api:   {"kind": "state", "app": "api", "id": 0, "instance": 0,
                            "pid": 4242, "state": "online", "reason": "started", "time": 1.7e9}
     log      log.api:     {"app": "api", "id": 0, "instance": 0, "stream": "out",
-                           "lines": ["listening on 8000"]}
+                           "seq": 41, "lines": ["listening on 8000"]}
     stats    stats.       {"time": 1.7e9, "instances": [{"id": 0, "cpu": 1.5, "memory": 31457280}]}
+
+A log publication is at most MAX_PUBLICATION_BYTES (a batch of lines is split), so that
+the PUB socket's high-water mark, counted in messages, bounds in bytes what pmxd queues for
+a subscriber that does not read (PUBLISH_BUDGET_BYTES): past it, that subscriber loses
+messages. "seq" numbers the lines of each app (the first line of this message), so that a
+subscriber sees a gap and can say how many lines it lost (`DroppedLines`).
 
 `decode_request` checks the whole envelope before anything is dispatched and raises
 ProtocolError with its own code for each kind of damage.
@@ -30,7 +36,7 @@ from __future__ import annotations
 import enum
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Union
 
 from .errors import ProtocolError
@@ -216,3 +222,67 @@ def decode_publication(frames: list[bytes]) -> tuple[str, JsonObject]:
     if len(frames) != 2:
         raise ProtocolError(ErrorCode.BAD_FIELD, "publication must have two frames")
     return frames[0].decode("utf-8", "replace"), _loads(frames[1])
+
+
+# What pmxd may queue for one subscriber that stops reading (a `pmx logs` suspended with
+# Ctrl-Z): the PUB socket's high-water mark is counted in messages, so log publications
+# are kept under a size and the mark is the budget over that size.
+MAX_PUBLICATION_BYTES = 256 * 1024
+PUBLISH_BUDGET_BYTES = 32 * 1024 * 1024
+PUBLISH_HWM = PUBLISH_BUDGET_BYTES // MAX_PUBLICATION_BYTES
+_LINE_PIECE_CHARS = MAX_PUBLICATION_BYTES // 16  # JSON escapes a character in 12 bytes at most
+_BATCH_ESTIMATE = MAX_PUBLICATION_BYTES // 2
+
+
+def encode_log_publications(topic: str, head: Mapping[str, object], lines: Sequence[str],
+                            seq: int) -> tuple[list[list[bytes]], int]:
+    """One batch of an app's log lines as publications of at most MAX_PUBLICATION_BYTES,
+    `seq` numbering the first line, and the seq of the line after them. A line too long
+    for one publication even escaped (64 KiB of control characters) is cut into pieces,
+    each counted as a line."""
+    entries = [piece for line in lines for piece in _pieces(line)]
+    name = topic.encode()
+    out: list[list[bytes]] = []
+
+    def emit(first: int, part: list[str]) -> None:
+        data = json.dumps({**head, "seq": seq + first, "lines": part},
+                          separators=(",", ":")).encode()
+        if len(data) <= MAX_PUBLICATION_BYTES or len(part) == 1:
+            out.append([name, data])
+            return
+        half = len(part) // 2
+        emit(first, part[:half])
+        emit(first + half, part[half:])
+
+    start, size = 0, 0
+    for index, entry in enumerate(entries):
+        if size and size + len(entry) > _BATCH_ESTIMATE:
+            emit(start, entries[start:index])
+            start, size = index, 0
+        size += len(entry) + 3
+    if start < len(entries) or not out:
+        emit(start, entries[start:])
+    return out, seq + len(entries)
+
+
+def _pieces(line: str) -> list[str]:
+    if len(line) <= _LINE_PIECE_CHARS or len(json.dumps(line)) <= _BATCH_ESTIMATE:
+        return [line]
+    return [line[at:at + _LINE_PIECE_CHARS] for at in range(0, len(line), _LINE_PIECE_CHARS)]
+
+
+class DroppedLines:
+    """A subscriber's count of the log lines it missed, from each publication's "seq":
+    `missed(body)` is how many lines of the body's app went by unseen just before it."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def missed(self, body: Mapping[str, object]) -> int:
+        app, seq, lines = body.get("app"), body.get("seq"), body.get("lines")
+        if not isinstance(app, str) or not isinstance(seq, int) or not isinstance(lines, list):
+            return 0
+        expected = self._next.get(app)
+        self._next[app] = seq + len(lines)
+        # A seq below the expected one is a new pmxd counting from 0: nothing was lost.
+        return seq - expected if expected is not None and seq > expected else 0

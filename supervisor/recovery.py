@@ -239,8 +239,13 @@ def exec_new_version(home: Path, monitor_interval_s: float) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a 0600 temporary, then rename it over `path`. The temporary is made
+    new (safe_files.create_new): a leftover or planted file or symlink there is replaced,
+    never written through."""
+    from .safe_files import create_new  # here: this function is the only user in the module
+
     temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = create_new(str(temporary))
     try:
         view = memoryview(data)
         while view:
@@ -265,17 +270,16 @@ def marked_processes(home: Path, settings: Mapping[str, tuple[str, float]]
     children inherit. `settings`: app name -> (stop signal, kill timeout)."""
     marker = f"PMX_HOME={home}".encode()
     found: list[dict[str, object]] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    with os.scandir("/proc") as entries:
+        pids = [int(e.name) for e in entries if e.name.isdigit() and int(e.name) != os.getpid()]
+    for pid in pids:
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as file:
+            with open(f"/proc/{pid}/environ", "rb") as file:
                 variables = file.read().split(b"\0")
         except OSError:
             continue  # gone, or a kernel thread
         if marker not in variables or not any(v.startswith(b"PMX_RUN_ID=") for v in variables):
             continue
-        pid = int(entry.name)
         app = next((v[13:].decode(errors="replace") for v in variables
                     if v.startswith(b"PMX_APP_NAME=")), "?")
         stop_signal, timeout_s = settings.get(app, ("SIGTERM", 5.0))

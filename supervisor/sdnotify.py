@@ -12,12 +12,17 @@ Without pmx installed, the same takes four lines of the standard library::
             sock.sendto(b"READY=1", path.replace("@", "\\0", 1) if path[0] == "@" else path)
 
 Both are no-ops when NOTIFY_SOCKET is not set, so an app behaves the same outside pmx.
+pmxd uses the same to tell systemd about itself (`tell_systemd`, `watchdog_loop`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+
+log = logging.getLogger(__name__)
 
 
 def send(message: str) -> bool:
@@ -49,3 +54,20 @@ def notify_ready(status: str | None = None) -> bool:
 
 def notify_stopping() -> bool:
     return notify(STOPPING="1")
+
+
+def tell_systemd(message: str) -> None:
+    """sd_notify for pmxd itself (Type=notify); a no-op when not run by systemd."""
+    if os.environ.get("NOTIFY_SOCKET") and not send(message):
+        log.warning("cannot notify systemd at %s", os.environ.get("NOTIFY_SOCKET"))
+
+
+async def watchdog_loop() -> None:
+    """Keep systemd's watchdog (WatchdogSec=) fed at half its period, if it is on for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    watchdog_pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (watchdog_pid and watchdog_pid != str(os.getpid())):
+        return
+    while True:
+        tell_systemd("WATCHDOG=1")
+        await asyncio.sleep(int(usec) / 2e6)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from .config import AppSpec
 from .errors import SpawnError
+from .home import fd_reserve
 
 FD_RESERVE = 64  # fds pmxd keeps free: libzmq aborts the whole process on EMFILE
 _run_ids = itertools.count(1)
@@ -244,12 +245,12 @@ def _check_fd_headroom(app: str, needed: int) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit == resource.RLIM_INFINITY:
         return
-    in_use = _fd_count.upper_bound(limit)
-    if in_use + needed > limit - FD_RESERVE:
+    in_use, reserve = _fd_count.upper_bound(limit), fd_reserve(limit)  # clients' fds too
+    if in_use + needed > limit - reserve:
         in_use = len(os.listdir("/proc/self/fd"))  # the bound is rough: make sure
-        if in_use + needed > limit - FD_RESERVE:
+        if in_use + needed > limit - reserve:
             raise SpawnError(f'cannot start app "{app}": pmxd is near its open-file limit '
-                             f"({in_use} of {limit} file descriptors in use, {FD_RESERVE} kept "
+                             f"({in_use} of {limit} file descriptors in use, {reserve} kept "
                              "in reserve); raise LimitNOFILE / ulimit -n")
 
 

@@ -118,7 +118,10 @@ class Pmx:
         problems: list[str] = []
         pid = self.daemon_pid()
         if pid is not None and pid_alive(pid):
-            subprocess.run([*CLI, "kill"], env=self.env, capture_output=True, timeout=60)
+            try:
+                subprocess.run([*CLI, "kill"], env=self.env, capture_output=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                problems.append(f"pmx kill did not return within 60 s (pmxd pid {pid})")
             deadline = time.monotonic() + 15
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)

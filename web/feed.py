@@ -40,6 +40,7 @@ from pmx.supervisor.protocol import (
     LOG_PREFIX,
     STATS_TOPIC,
     Command,
+    DroppedLines,
     JsonObject,
     decode_publication,
 )
@@ -87,6 +88,7 @@ class Feed:
         self._last_stats = time.monotonic()
         self._last_refresh = 0.0
         self._is_busy = False  # some app had an operation running at the last describe
+        self._dropped = DroppedLines()  # lines pmxd dropped while we were too slow
         self._thread = threading.Thread(target=self._run, name="pmx-web-feed", daemon=True)
 
     def start(self) -> None:
@@ -188,6 +190,7 @@ class Feed:
         """Read for one batch period and deliver it; False when pmxd is gone."""
         batch = Batch()
         lines: dict[str, int] = {}
+        dropped: dict[str, int] = {}
         wants_refresh = False
         deadline = time.monotonic() + BATCH_S
         while not self._stop.is_set():
@@ -213,8 +216,12 @@ class Feed:
                     app = str(body.get("app"))
                     count = len(body.get("lines") or [])  # type: ignore[arg-type]
                     lines[app] = lines.get(app, 0) + count
+                    if missed := self._dropped.missed(body):
+                        dropped[app] = dropped.get(app, 0) + missed
                 batch.publications.append((topic, body))
         _cap_log_lines(batch, lines)
+        for app, missed in dropped.items():  # shown as lines not shown, like the capped ones
+            batch.skipped_lines[app] = batch.skipped_lines.get(app, 0) + missed
         every = BUSY_REFRESH_S if self._is_busy else FULL_REFRESH_S
         stale = time.monotonic() - self._last_refresh > every
         silent = time.monotonic() - self._last_stats > STATS_SILENCE_S

@@ -48,6 +48,12 @@ def test_200_instances_and_a_burst_of_300_clients_leak_no_fd(pmxd: Pmx) -> None:
                            "interpreter": "none", "instances": 200})
     pmxd.run("start", str(eco), timeout=120)
     pmxd.wait_status("idle200", "online", count=200, timeout=60)
+    # The sampler keeps each instance's /proc files open once it has read them
+    # (monitor.ProcFiles): the baseline counts them.
+    def sampled() -> tuple[bool, object]:
+        rows = pmxd.instances("idle200")
+        return all(row["memory"] for row in rows), rows
+    wait_until(sampled, timeout=30, what="every instance sampled")
     baseline = settled(lambda: fd_count(pid), "pmxd's fd count")
 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
