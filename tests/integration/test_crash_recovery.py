@@ -77,7 +77,7 @@ script = "{app_path('grandchild.py')}"
 
 
 def test_update_replaces_pmxd_and_restarts_its_apps_once(pmx: Pmx) -> None:
-    pmx.run("start", app_path("ignore_signals.py"), "--name", "a", "-i", "2")
+    pmx.run("start", app_path("idle.py"), "--name", "a", "-i", "2")
     before = pmx.wait_status("a", "online", count=2)
     daemon = pmx.daemon_pid()
     result = pmx.run("update")

@@ -17,7 +17,15 @@ from tests.conftest import CLI, Pmx, app_path, pid_alive, wait_until
 
 
 def test_start_list_stop_restart_delete(pmx: Pmx) -> None:
-    started = pmx.run("start", app_path("ignore_signals.py"), "--name", "sleepy", "-i", "2")
+    # An app that ignores SIGTERM: every stop goes to SIGKILL after kill_timeout (1 s here).
+    eco = pmx.write("sleepy.toml", f"""
+[[apps]]
+name = "sleepy"
+script = "{app_path('ignore_signals.py')}"
+instances = 2
+kill_timeout = "1s"
+""")
+    started = pmx.run("start", str(eco))
     assert "started pmxd" in started.stderr  # the CLI says it started the daemon
     rows = pmx.wait_status("sleepy", "online", count=2)
     assert {row["instance"] for row in rows} == {0, 1}
@@ -142,7 +150,7 @@ def test_fast_printer_loses_no_line(pmx: Pmx) -> None:
 
 
 def test_logs_follow_one_app_only(pmx: Pmx) -> None:
-    pmx.run("start", app_path("ignore_signals.py"), "--name", "quiet")
+    pmx.run("start", app_path("idle.py"), "--name", "quiet")
     pmx.run("start", app_path("printer.py"), "--name", "loud", "--", "5")
     pmx.wait_status("quiet", "online")
     follower = subprocess.Popen([*CLI, "logs", "quiet", "--lines", "0"], env=pmx.env,
@@ -157,7 +165,7 @@ def test_logs_follow_one_app_only(pmx: Pmx) -> None:
             pmx.run("restart", "quiet")
             while select.select([follower.stdout], [], [], 1.0)[0]:
                 lines.append(follower.stdout.readline())  # type: ignore[union-attr]
-                if "ignoring" in lines[-1]:
+                if "idle pid" in lines[-1]:
                     return True, lines
             return False, lines
 
@@ -170,7 +178,7 @@ def test_logs_follow_one_app_only(pmx: Pmx) -> None:
 
 
 def test_malformed_control_message_gets_error_reply(pmxd: Pmx) -> None:
-    pmxd.run("start", app_path("ignore_signals.py"), "--name", "keep")
+    pmxd.run("start", app_path("idle.py"), "--name", "keep")
     pmxd.wait_status("keep", "online")
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -193,7 +201,7 @@ def test_malformed_control_message_gets_error_reply(pmxd: Pmx) -> None:
 
 
 def test_bad_ecosystem_file_touches_nothing(pmx: Pmx) -> None:
-    pmx.run("start", app_path("ignore_signals.py"), "--name", "keep")
+    pmx.run("start", app_path("idle.py"), "--name", "keep")
     pid = pmx.pids("keep")
     bad = pmx.write("bad.toml", '[[apps]]\nname = "api"\nscript = "x.py"\ninstnaces = 2\n')
     result = pmx.run("start", str(bad), check=False)
@@ -247,9 +255,9 @@ def test_flush_empties_logs(pmx: Pmx) -> None:
 
 
 def test_children_get_only_stdio_fds(pmx: Pmx) -> None:
-    pmx.run("start", app_path("ignore_signals.py"), "--name", "fds")
+    pmx.run("start", app_path("idle.py"), "--name", "fds")
     pid = pmx.pids("fds")[0]
-    wait_until(lambda: ("ignoring" in pmx.run("logs", "fds", "--nostream").stdout, None),
+    wait_until(lambda: ("idle pid" in pmx.run("logs", "fds", "--nostream").stdout, None),
                timeout=10, what="started")
     assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
 

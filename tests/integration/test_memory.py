@@ -89,7 +89,7 @@ env = { LEAK_MB_PER_S = "60", LEAK_INSTANCE = "0" }
 
 def test_stats_arrive_at_the_configured_interval(pmx: Pmx) -> None:
     pmx.env["PMX_MONITOR_INTERVAL"] = "0.2"
-    pmx.run("start", app_path("ignore_signals.py"), "--name", "idle", "-i", "2")
+    pmx.run("start", app_path("idle.py"), "--name", "idle", "-i", "2")
     pmx.wait_status("idle", "online", count=2)
     stats = _subscribe(pmx, "stats.")
     times: list[float] = []
