@@ -21,8 +21,6 @@ import os
 import signal
 from collections.abc import Callable
 
-import psutil
-
 from .procfs import children_of
 
 log = logging.getLogger(__name__)
@@ -89,7 +87,9 @@ class Reaper:
         are not watched: they escaped their app's process group with setsid() and were
         re-parented to us (a subreaper). Only unwatched children's environ is read."""
         children = children_of(os.getpid())
-        if children is None:
+        if children is None:  # no /proc/PID/task/*/children: psutil scans /proc instead
+            import psutil
+
             children = [child.pid for child in psutil.Process().children()]
         for pid in children:
             if pid in self._watched:
