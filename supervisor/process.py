@@ -382,6 +382,10 @@ class Instance:
                     await asyncio.shield(exited)
                 return
             except TimeoutError:
+                if exited.done() or self.pidfd is None:
+                    return  # it ended as the time ran out: its number may be reused already
+                # Not reaped yet (the reaper reaps only after the exit handler), so the
+                # number still names this process and its group.
                 log.warning("%s (pid %d) still running %.1fs after %s; SIGKILL to its group",
                             self.name, self.pid, spec.kill_timeout_s, spec.stop_signal)
                 _kill_group(self.pid, signal.SIGKILL)
