@@ -67,6 +67,7 @@ class StateFile:
         self._write_pending: asyncio.Handle | None = None
         self._journal_fd: int | None = None
         self._failures = _RateLimitedWarning()
+        self._encoded: dict[str, tuple[AppSpec, Mapping[str, str], str]] = {}  # by app name
 
     def spawned(self, instance: Instance) -> None:
         """A new process: appended to the journal before anything else happens."""
@@ -75,10 +76,15 @@ class StateFile:
             return
         line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
         try:
-            if self._journal_fd is None:
-                self._journal_fd = os.open(
-                    self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                    0o600)
+            if self._journal_fd is None:  # opened once: never through a symlink, 0600
+                fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._journal_fd = fd
             if os.write(self._journal_fd, line) != len(line):
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
@@ -101,13 +107,21 @@ class StateFile:
         if self._write_pending is not None:
             self._write_pending.cancel()
             self._write_pending = None
-        apps: list[object] = []
+        apps: list[str] = []
         processes: list[object] = []
         sockets: list[object] = []
+        encoded: dict[str, tuple[AppSpec, Mapping[str, str], str]] = {}
         for app in self._apps():
             running = any(i.state not in ENDED for i in app.all_instances())
-            apps.append({"spec": app.spec.to_table(), "base_env": app.base_env,
-                         "running": running})
+            # An app's settings and environment change rarely: encoded once, not per write
+            # (1,000 apps are 1,000 to_table() calls otherwise, ten times a second).
+            known = self._encoded.get(app.name)
+            if known is None or known[0] is not app.spec or known[1] is not app.base_env:
+                known = (app.spec, app.base_env, json.dumps(
+                    {"spec": app.spec.to_table(), "base_env": app.base_env},
+                    separators=(",", ":"))[:-1])
+            encoded[app.name] = known
+            apps.append(f'{known[2]},"running":{"true" if running else "false"}}}')
             for instance in app.all_instances():
                 entry = _process_entry(instance)
                 if entry is not None:
@@ -118,10 +132,12 @@ class StateFile:
                     os.set_inheritable(item.sock.fileno(), True)
                     sockets.append({"app": app.name, "address": item.address,
                                     "fd": item.sock.fileno(), "unix_path": item.unix_path})
-        document = {"pmxd_pid": os.getpid(), "apps": apps, "processes": processes,
-                    "sockets": sockets}
+        self._encoded = encoded
+        document = (f'{{"pmxd_pid":{os.getpid()},"apps":[{",".join(apps)}],'
+                    f'"processes":{json.dumps(processes, separators=(",", ":"))},'
+                    f'"sockets":{json.dumps(sockets, separators=(",", ":"))}}}')
         try:
-            _write_atomically(self.path, json.dumps(document, separators=(",", ":")).encode())
+            _write_atomically(self.path, document.encode())
         except OSError as exc:
             # A full disk: keep the journal (it may still hold what the stale snapshot
             # lacks) and try again shortly; the marker scan at recovery covers the rest.
