@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from . import usage
 from .outcome import handles_errors
 
 if TYPE_CHECKING:  # export_common (and yaml) load only when a target runs
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # export_common (and yaml) load only when a target runs
 F = Callable[..., None]
 
 
-@click.group(name="export")
+@click.group(name="export", cls=usage.PmxGroup)
 def export_group() -> None:
     """Write Kubernetes, systemd or compose files from an ecosystem file."""
 

@@ -267,6 +267,13 @@ def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return plain, secret
 
 
+def secret_note(names: Iterable[str], one: str, several: str) -> str:
+    """"env: A looks secret..." or "env: A, B look secret...": `one` or `several` is the
+    rest of the sentence's verb phrase, chosen by the number of names."""
+    listed = list(names)
+    return f"env: {', '.join(listed)} {one if len(listed) == 1 else several}"
+
+
 def is_env_name(name: str) -> bool:
     return _ENV_NAME.fullmatch(name) is not None
 

@@ -27,6 +27,7 @@ from .export_common import (
     program,
     rebase,
     seconds_text,
+    secret_note,
     size_text,
     split_env,
     tcp_ports,
@@ -122,8 +123,9 @@ def _service(app: ExportApp, name: str, options: Options, report: Report,
         env_file = f"{name}.env"
         service["env_file"] = [env_file]
         env_files.append(OutFile(env_file, "".join(_env_line(k, v) for k, v in secret.items()), 0o600))
-        report.notes.append(f"env: {', '.join(secret)} look secret: they go to {env_file} (mode 0600, "
-                            "written with -o DIR), not into the compose file")
+        report.notes.append(secret_note(secret, "looks secret: it goes", "look secret: they go")
+                            + f" to {env_file} (mode 0600, written with -o DIR), not into the "
+                            "compose file")
     replicas = options.max_instances if app.is_max else spec.instances
     if app.is_max:
         report.notes.append(f'instances = "max" became replicas: {replicas} (--max-instances)')

@@ -30,6 +30,7 @@ from .export_common import (
     parse_check,
     program,
     rebase,
+    secret_note,
     split_env,
     tcp_ports,
     template,
@@ -232,8 +233,9 @@ def _env(app: ExportApp, label: str, port: int | None, uses_pod_name: bool,
                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     if secret:
         literals = " ".join(f"--from-literal={shlex.quote(name)}=..." for name in secret)
-        report.notes.append(f"env: {', '.join(secret)} look secret and come from the Secret "
-                            f"{label}-env: kubectl create secret generic {label}-env {literals}")
+        report.notes.append(secret_note(secret, "looks secret and comes", "look secret and come")
+                            + f" from the Secret {label}-env: kubectl create secret generic "
+                            f"{label}-env {literals}")
     return [env[name] for name in sorted(env)]
 
 

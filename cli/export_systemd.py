@@ -31,6 +31,7 @@ from .export_common import (
     new_report,
     program,
     seconds_text,
+    secret_note,
     size_text,
     split_env,
     tcp_ports,
@@ -223,8 +224,8 @@ def _service(app: ExportApp, names: _Names, plain_env: dict[str, str], secret: d
             report.unmapped.append(("env", f"{name}: systemd takes letters, digits and _ only"))
     if secret:
         unit.set("EnvironmentFile", plain(f"{ENV_DIR}/{names.unit}.env"))
-        report.notes.append(f"env: {', '.join(secret)} look secret: they go to {names.unit}.env "
-                            f"(mode 0600, in {ENV_DIR}), not into the unit")
+        report.notes.append(secret_note(secret, "looks secret: it goes", "look secret: they go")
+                            + f" to {names.unit}.env (mode 0600, in {ENV_DIR}), not into the unit")
     if names.socket is not None:
         unit.set("Sockets", names.socket.replace("@.", "@%i."))
         if any("{fd}" in arg for arg in spec.args):

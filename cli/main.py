@@ -4,8 +4,11 @@ This module holds the `cli` group, the commands that start, stop, change and sho
 `monit`, and `main`, the entry point; the log commands are in log_commands.py, the
 commands about pmxd itself in daemon_commands.py, how a command ends (one-line errors,
 exit codes) in outcome.py, and how the command line is read (options after the script,
-`--`, click's usage errors in one line) in usage.py. rich and psutil are imported only by
-the commands that draw tables.
+`--`, click's usage errors in one line) in usage.py. rich is imported only by `pmx
+describe` (render.py) and `pmx monit`; no command here imports psutil. `pmx list`, `ls`,
+`status` (with or without --json) and `pmx ping` never reach this module: cli/entry.py
+answers them itself, with the plain table of table.py; only other command lines (those
+commands with --help, say) come here.
 
 A command prints what it did ("[pmx] stopped: web:0"); `start` and `list` also show the
 instance table, and the other commands that change apps show it with --table.

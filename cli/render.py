@@ -1,7 +1,10 @@
-"""Showing daemon replies to a person (rich tables) or to a script (--json).
+"""Showing daemon replies to a person or to a script (--json): one-line errors, sizes and
+durations, terminal-safe text, the instance table and `pmx describe`'s table.
 
-rich is imported inside the functions that draw, so commands that print plain text or
-JSON never pay for it.
+The instance table (`pmx list`, and the tables commands show with --table) is plain
+aligned text drawn by table.py, without rich, so that the short path (entry.py) can use
+this module. Only `describe` draws with rich, imported inside the function, so commands
+that print plain text or JSON never pay for it.
 """
 
 from __future__ import annotations

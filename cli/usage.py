@@ -25,7 +25,8 @@ class UsageError(click.UsageError):
 
 
 class PmxGroup(click.Group):
-    """The `pmx` group: an unknown command gets a did-you-mean."""
+    """The `pmx` group and its subgroups (`pmx export`): an unknown command is named in
+    quotes, as every name from the command line is, and gets a did-you-mean."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]
                         ) -> tuple[str | None, click.Command | None, list[str]]:
@@ -34,8 +35,8 @@ class PmxGroup(click.Group):
             import difflib
 
             close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else "; see pmx --help"
-            raise UsageError(f"no such command {name}{hint}", ctx)
+            hint = f'; did you mean "{close[0]}"?' if close else f"; see {ctx.command_path} --help"
+            raise UsageError(f'no such command "{name}"{hint}', ctx)
         return super().resolve_command(ctx, args)
 
 

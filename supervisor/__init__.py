@@ -18,8 +18,10 @@ The modules, one responsibility each (imports flow downwards in this list):
     readiness.py  when an instance counts as ready: notify socket, probes
     accepting.py  whether a process tree waits for connections on a socket (/proc)
     dropin.py     drop-in cluster mode: the preloads' contract, learned ports, Node's IPC
-    reaper.py     exits through pidfds; SIGCHLD for strays
+    reaper.py     exits through pidfds; SIGCHLD for strays; escaped children swept
+    cgroups.py    each instance in its own cgroup v2 where one is delegated (cgroup.kill)
     logs.py       pipe readers, log files with rotation, output routing
+    safe_files.py opening, rotating, emptying log files never through a planted symlink
     date_format.py  log_date_format: PM2's day.js tokens or strftime, stamped per second
     dump.py       `pmx save` / `pmx resurrect` (the dump is an ecosystem file)
     config.py     ecosystem TOML -> AppSpec, errors naming file, app and key

@@ -202,7 +202,7 @@ class Commands:
         return await self._each(args.targets(), "restarted", restart_one)
 
     async def reload(self, args: Args) -> JsonObject:
-        """target, targets or apps, + base_env and update_env -> {reloaded: [names], started?}.
+        """target(s) or apps, + base_env, update_env -> {reloaded: [names], results, errors, started?}.
 
         Each app in turn: replace its instances one at a time (see AppGroup.reload). With
         apps, changed settings are applied and unknown apps are started. A replacement
@@ -264,7 +264,8 @@ class Commands:
                     raise CommandError("failed", f'reload of "{app.name}" stopped: {exc}; '
                                        "the old instances keep serving") from None
             reloaded.append(app.name)
-        return {"reloaded": reloaded}
+        return {"reloaded": reloaded, "results": [{"target": n, "ok": True} for n in reloaded],
+                "errors": []}
 
     async def reload_because(self, app: AppGroup, reason: str) -> None:
         """Not a request: a reload pmxd starts by itself (a watched file changed, a cron

@@ -49,6 +49,7 @@ from .home import (
     STATE_FILE,
     HomeLock,
     default_home,
+    open_private_log,
     prepare_home,
     raise_fd_limit,
 )
@@ -323,8 +324,7 @@ def _setup_logging(home: Path, foreground: bool) -> None:
     if foreground:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.FileHandler(home / DAEMON_LOG)
-        os.chmod(home / DAEMON_LOG, 0o600)
+        handler = logging.StreamHandler(open_private_log(home / DAEMON_LOG))  # no symlink
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
     ready_fd = None if args.foreground else _detach()
     try:
         prepare_home(home)
+        _setup_logging(home, args.foreground and not args.log_file)  # a planted pmxd.log: refused
         lock = HomeLock(home)
         lock.acquire()
     except (HomeError, OSError) as exc:  # OSError: a full disk, a read-only mount
@@ -415,7 +416,6 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
             os._exit(int(ExitCode.FAILED))
         print(f"{prog}: {message}", file=sys.stderr)
         return int(ExitCode.FAILED)
-    _setup_logging(home, args.foreground and not args.log_file)
     errors: list[str] = []
     try:
         async def amain() -> int:

@@ -6,15 +6,23 @@ a socket or the pid file lives. Standard library only (the CLI's start-up time c
     PMX_HOME/            0700, owned by the daemon's user
       rpc.sock           requests (ZeroMQ ROUTER), 0600
       pub.sock           events, stats and logs (ZeroMQ PUB), 0600
-      notify.sock        the apps' NOTIFY_SOCKET (readiness)
+      notify.sock        the apps' NOTIFY_SOCKET (readiness), 0600
       pmxd.lock          flock held for the daemon's whole life
       pmxd.pid           the daemon's pid, written once the lock is held
       pmxd.log           the daemon's own log
-      state.json         the live state, for crash recovery
-      dump.toml          `pmx save`
-      logs/              the apps' logs
+      state.json         the live state, for crash recovery (recovery.py)
+      spawned.jsonl      the spawn journal: pids spawned since state.json was last
+                         written; state.json and it are removed by a clean stop
+      dump.toml          `pmx save` (and dump.toml.bak, the one before)
+      logs/              the apps' logs (unless out_file/error_file put them elsewhere)
       clients/           client slots: `count`, and one lock file per client connection
                          pmxd keeps file descriptors for (see client_slots)
+      web.token          `pmx web`'s access token, 0600, made by pmx web (web/token.py),
+                         not by pmxd
+
+Files are 0600 and folders 0700: pmxd runs under a 077 umask, and also sets the mode
+of its sockets, pid file and log, and of the files safe_files.py makes (the apps' logs,
+the temporaries of state.json and dump.toml), explicitly.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import resource
 import stat
 from pathlib import Path
+from typing import TextIO
 
 from .errors import HomeError
 
@@ -76,8 +85,11 @@ class HomeLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # As the pid file below: never through a symlink, and 0600 whatever the umask or
+        # the mode of a lock file left by an older pmx.
+        fd = open_no_link(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            os.fchmod(fd, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
@@ -110,6 +122,32 @@ class HomeLock:
             self.pid_path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def open_no_link(path: Path, flags: int) -> int:
+    """os.open with O_NOFOLLOW in `flags` (creating 0600); a symlink there is a HomeError."""
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise HomeError(f"refusing {path}: it is a symlink") from None
+        raise
+
+
+def open_private_log(path: Path) -> TextIO:
+    """`path` (pmxd.log) opened to append text: created 0600 (an existing file is made
+    0600), never through a symlink, and only a regular file (a FIFO would block)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = open_no_link(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HomeError(f"refusing {path}: not a regular file")
+        os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def raise_fd_limit() -> int:

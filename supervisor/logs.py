@@ -21,7 +21,8 @@ the open file through its descriptor; rotation renames inside the folder's descr
 
 `OutputRouter` wires an instance's two pipes: each chunk of lines goes to the app's log
 file, to the live stream (topic log.APP:), to the instance's stderr tail (shown when a
-start fails) and, in container mode, to pmxd's own stdout prefixed with "app:N | ".
+start fails) and, in container mode, to pmxd's own stdout prefixed with "app:N | ". With
+`log_date_format`, every one of them gets the lines stamped as the file has them.
 """
 
 from __future__ import annotations
@@ -257,11 +258,10 @@ class PipeReader:
     def _emit(self, groups: list[list[bytes]]) -> None:
         lines = [piece for group in groups for piece in group]
         if self._stamp is not None:
+            # Stamped once per chunk, here: the file and the live stream get the same text.
             prefix = self._stamp() + b": "
-            data = b"".join(prefix + line + b"\n" for line in lines)
-        else:
-            data = b"\n".join(lines) + b"\n"
-        self.file.write(data)
+            lines = [prefix + line for line in lines]
+        self.file.write(b"\n".join(lines) + b"\n")
         self._sink(self.stream, lines)
 
     def close(self) -> None:
@@ -304,8 +304,8 @@ def instance_log_path(configured: str | None, logs_dir: Path, app: str, stream: 
     if configured is None:
         return default_log_path(logs_dir, app, stream, None if merged else index)
     path = Path(configured)
-    if merged or configured == "/dev/null":
-        return path
+    if merged or configured.startswith(("/dev/", "/proc/self/fd/")):
+        return path  # a device (/dev/null, /dev/stdout): every instance writes to it
     # Several instances, one configured name: PM2 suffixes the instance number.
     return path.with_name(f"{path.stem}-{index}{path.suffix}")
 

@@ -202,8 +202,10 @@ class Recovery:
         recorded = _list(document.get("processes")) + _read_journal(self._journal_path)
         # A process spawned in the instant before pmxd died may be in neither file: every
         # process of this home carries its marker in its environment.
-        recorded += marked_processes(self._home, _stop_settings(document))
-        unique = {(entry.get("pid"), entry.get("start_time")): entry for entry in recorded}
+        marked = marked_processes(self._home, _stop_settings(document))
+        # The files' entries (which name the instance) go over the marker scan's.
+        unique = {(entry.get("pid"), entry.get("start_time")): entry
+                  for entry in marked + recorded}
         leftovers = [entry for entry in unique.values() if _still_running(entry)]
         if leftovers:
             log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",

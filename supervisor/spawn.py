@@ -115,6 +115,8 @@ def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     argv = [_template(arg, values) for arg in spec.command()]
     env = dict(base_env)
     env.update(spec.env)
+    if "PMX_HOME" in base_env:  # the home's marker (daemon.py): an app's env cannot hide it
+        env["PMX_HOME"] = base_env["PMX_HOME"]
     env.update({
         "PMX_APP_NAME": spec.name, "PMX_ID": str(who.instance_id), "PMX_INSTANCE": str(who.index),
         "NODE_APP_INSTANCE": str(who.index), "pm_id": str(who.instance_id), "name": spec.name,

@@ -294,8 +294,12 @@ def test_startup_print_needs_no_running_init_system(pmx: Pmx) -> None:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["start"], r"^pmx: missing argument TARGET; see pmx start --help$"),
     (["stop", "--bogus"], r"^pmx: no such option --bogus"),
-    (["nosuchcommand"], r"^pmx: no such command nosuchcommand"),
-    (["lsit"], r"^pmx: no such command lsit; did you mean list\?$"),
+    # An unknown command is quoted as names are (`no app or instance id "x"`), in a
+    # subgroup too.
+    (["nosuchcommand"], r'^pmx: no such command "nosuchcommand"; see pmx --help$'),
+    (["lsit"], r'^pmx: no such command "lsit"; did you mean "list"\?$'),
+    (["export", "helm", "eco.toml"], r'^pmx: no such command "helm"; see pmx export --help$'),
+    (["export", "kubernete"], r'^pmx: no such command "kubernete"; did you mean "kubernetes"\?$'),
     (["logs", "--lines", "many"], r"^pmx: --lines: 'many' is not a valid integer"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(pmx: Pmx, argv: list[str], expected: str) -> None:

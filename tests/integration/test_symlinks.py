@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CLI, Pmx, make_home, wait_until
+from tests.conftest import CLI, Pmx, app_path, make_home, wait_until
 from tests.integration.hostile_helpers import ecosystem, log_text, ping_ok
 
 PRECIOUS = b"precious: must never change\n"
@@ -286,3 +286,18 @@ def test_every_file_pmxd_creates_has_its_mode_under_umask_000(place: Path) -> No
         problems = pmx.cleanup()
         shutil.rmtree(pmx.home.parent, ignore_errors=True)
     assert not problems, problems
+
+
+def test_dev_stdout_is_shared_by_every_instance_not_suffixed(pmx: Pmx) -> None:
+    """out_file = "/dev/stdout" with several instances: each writes to pmxd's stdout, as
+    with /dev/null; pmxd never creates /dev/stdout-0, /dev/stdout-1 (as root, in /dev)."""
+    eco = pmx.write("dev.toml", f"""
+[[apps]]
+name = "devout"
+script = "{app_path('idle.py')}"
+instances = 2
+out_file = "/dev/stdout"
+""")
+    pmx.run("start", str(eco))
+    pmx.wait_status("devout", "online", count=2)
+    assert not Path("/dev/stdout-0").exists() and not Path("/dev/stdout-1").exists()

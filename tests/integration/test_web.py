@@ -165,6 +165,18 @@ def test_token_file_is_private_and_show_token_prints_it(pmx: Pmx) -> None:
     assert refused.returncode == 1 and "chmod 600" in refused.stderr
 
 
+def test_show_token_links_to_the_port_pmx_web_serves_on(web: WebServer) -> None:
+    assert web.port != 9615
+    shown = web.pmx.run("web", "--show-token")
+    assert shown.stderr == f"http://127.0.0.1:{web.port}/#token={web.token}\n"
+    chosen = web.pmx.run("web", "--show-token", "--listen", "[::1]:9700")
+    assert chosen.stderr == f"http://[::1]:9700/#token={web.token}\n", "--listen still wins"
+    web.stop()
+    assert not (web.pmx.home / "web.address").exists()
+    stopped = web.pmx.run("web", "--show-token")
+    assert stopped.stderr == f"http://127.0.0.1:9615/#token={web.token}\n"
+
+
 def test_non_loopback_needs_allow_remote_and_warns(pmx: Pmx) -> None:
     refused = pmx.run("web", "--listen", f"0.0.0.0:{free_port()}", check=False)
     assert refused.returncode == 2
@@ -183,6 +195,8 @@ def test_a_port_in_use_is_one_line(web: WebServer) -> None:
     assert second.returncode == 1
     assert second.stderr.strip() == (f"pmx: cannot listen on 127.0.0.1:{web.port} for pmx web: "
                                      "address already in use")
+    # The one serving is still the one `pmx web --show-token` links to.
+    assert f"http://127.0.0.1:{web.port}/#token=" in web.pmx.run("web", "--show-token").stderr
 
 
 # ---------------------------------------------------------------- reads and actions
@@ -218,7 +232,10 @@ def test_actions_report_per_target_and_errors_map_to_http(web: WebServer) -> Non
 def test_reload_counts_and_describe_masks_secrets(web: WebServer) -> None:
     start_apps(web.pmx)
     old = set(web.pmx.pids("web"))
-    assert web.json("POST", "/api/apps/web/reload")["reloaded"] == ["web"]
+    reloaded = web.json("POST", "/api/apps/web/reload")
+    # The reply has the shape of every other action's: results per target, and errors.
+    assert reloaded == {"reloaded": ["web"], "results": [{"target": "web", "ok": True}],
+                        "errors": []}
     assert not old & set(web.pmx.pids("web"))
     key = ("pmx_app_reloaded_instances_total", (("app", "web"),))
     wait_until(lambda: (web.metrics().get(key) == 2, web.metrics().get(key)), timeout=10,

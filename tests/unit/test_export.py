@@ -383,6 +383,24 @@ def test_env_order_in_the_file_does_not_change_the_output(tmp_path: Path) -> Non
         assert texts[0] == texts[1]
 
 
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_the_secret_note_agrees_with_the_number_of_names(target: str, tmp_path: Path) -> None:
+    path = tmp_path / "eco.toml"
+    path.write_text('[[apps]]\nname = "one"\nscript = "a.py"\n'
+                    'env = { DATABASE_PASSWORD = "x", LOG_LEVEL = "info" }\n'
+                    '[[apps]]\nname = "two"\nscript = "b.py"\n'
+                    'env = { API_TOKEN = "y", DATABASE_PASSWORD = "x" }\n')
+    notes = {report.app: [n for n in report.notes if n.startswith("env: ")]
+             for report in TARGETS[target](path)[1]}
+    (one,), (two,) = notes["one"], notes["two"]
+    assert one.startswith("env: DATABASE_PASSWORD looks secret"), one
+    assert two.startswith("env: API_TOKEN, DATABASE_PASSWORD look secret"), two
+    if target != "kubernetes":
+        assert "it goes to one.env" in one and "they go to two.env" in two
+    else:
+        assert "comes from the Secret one-env" in one and "come from the Secret two-env" in two
+
+
 def test_names_that_collide_after_conversion_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "eco.toml"
     path.write_text('[[apps]]\nname = "a_b"\nscript = "a.py"\n[[apps]]\nname = "a-b"\nscript = "b.py"\n')
