@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 
 from .errors import CommandError, PmxError, ProtocolError
-from .home import prepare_client_slots
+from .home import QUICK_SOCKET, prepare_client_slots
 from .protocol import (
     LOG_PREFIX,
     MAX_MESSAGE_BYTES,
@@ -45,6 +45,7 @@ from .protocol import (
     encode_reply,
     error_reply,
 )
+from .quick import QuickServer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ControlServer:
         self.rpc_path = home / "rpc.sock"
         self.pub_path = home / "pub.sock"
         self._handlers = dict(handlers)
+        self.quick = QuickServer(home / QUICK_SOCKET, self._handlers)  # list, ping: quick.py
         self._context = zmq.asyncio.Context()
         self._uid = os.getuid()
         self._router = self._context.socket(zmq.ROUTER)
@@ -87,8 +89,9 @@ class ControlServer:
         os.chmod(self.rpc_path, 0o600)
         os.chmod(self.pub_path, 0o600)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
+        await self.quick.start()
 
     def publish(self, topic: str, body: Mapping[str, object]) -> None:
         """Send at once, never queue here: PUB drops what a subscriber at its high-water
@@ -182,6 +185,7 @@ class ControlServer:
         self._context.term()
 
     async def close(self) -> None:
+        await self.quick.close()
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)

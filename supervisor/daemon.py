@@ -247,7 +247,7 @@ class Daemon:
         self.reaper.install()
         become_subreaper()
         self.control.bind()
-        self.control.start()
+        await self.control.start()
         await self.recovery.recover(
             lambda specs, env: self.start_specs(specs, env, skip_existing=True))
         if self.cgroups is not None:

@@ -6,6 +6,7 @@ a socket or the pid file lives. Standard library only (the CLI's start-up time c
     PMX_HOME/            0700, owned by the daemon's user
       rpc.sock           requests (ZeroMQ ROUTER), 0600
       pub.sock           events, stats and logs (ZeroMQ PUB), 0600
+      quick.sock         list and ping on a plain Unix socket (quick.py), 0600
       notify.sock        the apps' NOTIFY_SOCKET (readiness), 0600
       pmxd.lock          flock held for the daemon's whole life
       pmxd.pid           the daemon's pid, written once the lock is held
@@ -39,6 +40,7 @@ from .errors import HomeError
 
 RPC_SOCKET = "rpc.sock"
 PUB_SOCKET = "pub.sock"
+QUICK_SOCKET = "quick.sock"  # list and ping without ZeroMQ (quick.py)
 NOTIFY_SOCKET = "notify.sock"
 LOCK_FILE = "pmxd.lock"
 PID_FILE = "pmxd.pid"

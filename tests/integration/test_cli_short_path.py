@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import Pmx
 
-HEAVY = ("click", "rich", "psutil", "textual", "tomllib", "tomli_w", "asyncio")
+HEAVY = ("click", "rich", "psutil", "textual", "tomllib", "tomli_w", "asyncio", "zmq")
 
 PROBE = f"""
 HEAVY = {HEAVY!r}
@@ -60,3 +60,31 @@ def test_a_closed_pipe_is_not_an_error(pmxd: Pmx) -> None:
                             timeout=30)
     assert result.stdout.startswith("id"), result
     assert "Error" not in result.stderr and "Exception" not in result.stderr, result.stderr
+
+
+def _ask_quick(pmx: Pmx, payload: bytes) -> dict[str, object]:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(pmx.home / "quick.sock"))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply = json.loads(data)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def test_the_quick_socket_answers_list_and_ping_only_and_survives_garbage(pmxd: Pmx) -> None:
+    pmx = pmxd
+    assert oct((pmx.home / "quick.sock").stat().st_mode & 0o777) == "0o600"
+    listed = _ask_quick(pmx, b'{"v":1,"id":"q1","cmd":"list"}')
+    assert listed["ok"] is True and listed["id"] == "q1"
+    refused = _ask_quick(pmx, b'{"v":1,"id":"q2","cmd":"kill"}')
+    assert refused["ok"] is False and "list and ping" in str(refused["error"])
+    garbage = _ask_quick(pmx, b"\xff not json")
+    assert garbage["ok"] is False
+    assert "is up" in pmx.run("ping").stdout  # pmxd is fine, and so is the control socket
