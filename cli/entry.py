@@ -14,10 +14,12 @@ output and exit codes.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's own import would cost every `pmx list`; mypy reads this
 if TYPE_CHECKING:
     from pmx.supervisor.protocol import JsonObject
+
+QUICK_SOCKET = "quick.sock"  # home.QUICK_SOCKET, without importing home.py (pathlib)
 
 SHORT_PATH = {("list",), ("ls",), ("status",), ("list", "--json"), ("ls", "--json"),
               ("status", "--json"), ("ping",)}
@@ -41,7 +43,6 @@ def _quick_call(command: str) -> JsonObject | None:
     import socket
 
     from pmx.supervisor.errors import ProtocolError
-    from pmx.supervisor.home import QUICK_SOCKET
     from pmx.supervisor.protocol import Command, Request, decode_reply, encode_request
 
     home = os.environ.get("PMX_HOME") or os.path.join(os.path.expanduser("~"), ".pmx")

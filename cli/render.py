@@ -14,7 +14,6 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from pmx.supervisor.protocol import Json, JsonObject
 from pmx.supervisor.states import State
@@ -73,10 +72,10 @@ def human_duration(seconds: object, *, exact: bool = False) -> str:
     return f"{value}s"
 
 
-def home_relative(path: str | Path) -> str:
+def home_relative(path: str | os.PathLike[str]) -> str:
     """A path under the user's home directory as ~/rest; any other path as it is."""
     text = str(path)
-    user_home = str(Path.home())
+    user_home = os.path.expanduser("~")
     return "~" + text[len(user_home):] if text.startswith(user_home + os.sep) else text
 
 

@@ -13,20 +13,29 @@ import os
 import sys
 import unicodedata
 from collections.abc import Sequence
-from typing import NamedTuple, TextIO
+
+TYPE_CHECKING = False  # typing's own costs `pmx list` an import; mypy reads this as usual
+if TYPE_CHECKING:
+    from typing import TextIO
 
 STYLES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33",
           "cyan": "36", "bold red": "1;31"}
 
 
-class Column(NamedTuple):
-    title: str
-    right: bool = False  # right-justified (numbers)
+class Column:
+    __slots__ = ("right", "title")
+
+    def __init__(self, title: str, right: bool = False) -> None:
+        self.title = title
+        self.right = right  # right-justified (numbers)
 
 
-class Cell(NamedTuple):
-    text: str
-    style: str | None = None  # a key of STYLES
+class Cell:
+    __slots__ = ("style", "text")
+
+    def __init__(self, text: str, style: str | None = None) -> None:
+        self.text = text
+        self.style = style  # a key of STYLES
 
 
 def use_colour(stream: TextIO) -> bool:

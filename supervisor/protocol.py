@@ -37,7 +37,6 @@ import enum
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Union
 
 from .errors import ProtocolError
 
@@ -45,7 +44,7 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 # A JSON value (what json.loads can return).
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007
+Json = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
 JsonObject = dict[str, Json]
 
 
@@ -86,8 +85,9 @@ class ErrorCode(enum.StrEnum):
 class Request:
     """One request: a command, its arguments and an id for matching the reply.
 
-    A plain class rather than a dataclass: `pmx list` imports this module, and
-    dataclasses (with inspect) would add milliseconds to every short command."""
+    A plain class rather than a dataclass or a NamedTuple: `pmx list` imports this
+    module, and dataclasses (with inspect) or typing would add milliseconds to every
+    short command."""
 
     __slots__ = ("args", "command", "id")
 
@@ -107,12 +107,25 @@ class Request:
         return f"Request({self.command!r}, {self.args!r}, {self.id!r})"
 
 
-class Reply(NamedTuple):
-    id: str
-    ok: bool
-    result: JsonObject
-    error_code: str = ""
-    error_message: str = ""
+class Reply:
+    """One reply: to the request with `id`, its result, or an error's code and message.
+    A plain class for the same reason as Request (typing's NamedTuple costs an import)."""
+
+    __slots__ = ("error_code", "error_message", "id", "ok", "result")
+
+    def __init__(self, id: str, ok: bool, result: JsonObject,
+                 error_code: str = "", error_message: str = "") -> None:
+        self.id, self.ok, self.result = id, ok, result
+        self.error_code, self.error_message = error_code, error_message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reply) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Reply({self.id!r}, {self.ok!r}, {self.result!r}, {self.error_code!r})"
 
 
 def encode_request(request: Request) -> bytes:

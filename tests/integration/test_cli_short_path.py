@@ -8,7 +8,8 @@ import sys
 
 from tests.conftest import Pmx
 
-HEAVY = ("click", "rich", "psutil", "textual", "tomllib", "tomli_w", "asyncio", "zmq")
+HEAVY = ("click", "rich", "psutil", "textual", "tomllib", "tomli_w", "asyncio", "zmq",
+         "typing")
 
 PROBE = f"""
 HEAVY = {HEAVY!r}
@@ -88,3 +89,10 @@ def test_the_quick_socket_answers_list_and_ping_only_and_survives_garbage(pmxd: 
     garbage = _ask_quick(pmx, b"\xff not json")
     assert garbage["ok"] is False
     assert "is up" in pmx.run("ping").stdout  # pmxd is fine, and so is the control socket
+
+
+def test_the_short_path_names_the_quick_socket_as_home_py_does() -> None:
+    from pmx.cli import entry
+    from pmx.supervisor import home
+
+    assert entry.QUICK_SOCKET == home.QUICK_SOCKET
