@@ -220,8 +220,10 @@ class Instance:
         self.start_time = process_start_time(self.pid)  # names this process for good
         self.started_at = time.monotonic()
         self._exited = self._runtime.loop.create_future()
-        self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)
+        # First the journal and the cgroup (before the program can fork: a log file may
+        # take a moment to open), then its output.
         self._runtime.watch_exit(self, self.pid, self.pidfd)
+        self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)
         log.info("%s spawned pid %d: %s", self.name, self.pid, " ".join(spawned.argv))
 
     # ------------------------------------------------------------ messages from the app

@@ -249,6 +249,11 @@ def test_reload_counts_and_describe_masks_secrets(web: WebServer) -> None:
 
 def test_stream_says_hello_then_sends_new_log_lines(web: WebServer) -> None:
     start_apps(web.pmx)
+    # pmx web learns of new apps from pmxd's events a moment later: the hello is its view.
+    def knows_both() -> tuple[bool, object]:
+        state = web.json("GET", "/api/state")
+        return {app["name"] for app in state["apps"]} == {"web", "idler"}, state
+    wait_until(knows_both, timeout=15, what="pmx web knows both apps")
     req = urllib.request.Request(web.url + "/api/stream",
                                  headers={"Authorization": f"Bearer {web.token}"})
     with urllib.request.urlopen(req, timeout=20) as stream:
