@@ -10,7 +10,6 @@ Commands that draw richer output (describe, monit) keep using rich.
 from __future__ import annotations
 
 import os
-import sys
 import unicodedata
 from collections.abc import Sequence
 
@@ -81,9 +80,3 @@ def render(columns: Sequence[Column], rows: Sequence[Sequence[Cell | str]], *,
            paint(spacer.join("─" * w for w in widths), "dim", colour)]
     out += [line(row) for row in cells]
     return "\n".join(out) + "\n"
-
-
-def write(columns: Sequence[Column], rows: Sequence[Sequence[Cell | str]],
-          stream: TextIO | None = None) -> None:
-    stream = stream or sys.stdout
-    stream.write(render(columns, rows, colour=use_colour(stream)))

@@ -87,7 +87,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self.state_file = StateFile(home / STATE_FILE, home / SPAWN_JOURNAL,
                                     lambda: self.registry, self.loop)
-        self.registry = Registry(self._make_app, on_change=self.state_file.apps_changed)
+        self.registry = Registry(self._make_app, on_change=self.state_file.changed)
         self.log_files = LogFiles()
         self.reaper = Reaper(self.loop)
         self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL, home)

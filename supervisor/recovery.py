@@ -92,14 +92,10 @@ class StateFile:
             self.changed()  # the snapshot will carry the pid instead
 
     def changed(self) -> None:
-        """Something about the instances changed: a snapshot within SNAPSHOT_INTERVAL_S."""
+        """An instance or the set of apps changed: a snapshot within SNAPSHOT_INTERVAL_S
+        (so deleting 1,000 apps is ten writes, not a thousand)."""
         if self._write_pending is None:
             self._write_pending = self._loop.call_later(SNAPSHOT_INTERVAL_S, self.write_now)
-
-    def apps_changed(self) -> None:
-        """Apps were added or removed: a snapshot within SNAPSHOT_INTERVAL_S (deleting
-        1,000 apps is then ten writes, not a thousand)."""
-        self.changed()
 
     def write_now(self, *, handing_over_sockets: bool = False) -> None:
         """Rewrite the file. `handing_over_sockets`: pmxd is about to exec itself, and the

@@ -34,7 +34,6 @@ from .config import AppSpec
 from .errors import SpawnError
 from .home import fd_reserve
 
-FD_RESERVE = 64  # fds pmxd keeps free: libzmq aborts the whole process on EMFILE
 _run_ids = itertools.count(1)
 
 _EXEC_SHIM = """\
@@ -231,9 +230,9 @@ class _FdCount:
         self._counted = 0
         self._spawns_since = 1 << 30  # count on first use
 
-    def upper_bound(self, limit: int) -> int:
+    def upper_bound(self, limit: int, reserve: int) -> int:
         bound = self._counted + self._spawns_since * self.FDS_PER_SPAWN
-        if bound + FD_RESERVE * 2 >= limit:
+        if bound + reserve * 2 >= limit:
             self._counted, self._spawns_since = len(os.listdir("/proc/self/fd")), 0
         self._spawns_since += 1
         return self._counted + (self._spawns_since - 1) * self.FDS_PER_SPAWN
@@ -247,7 +246,8 @@ def _check_fd_headroom(app: str, needed: int) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit == resource.RLIM_INFINITY:
         return
-    in_use, reserve = _fd_count.upper_bound(limit), fd_reserve(limit)  # clients' fds too
+    reserve = fd_reserve(limit)  # pmxd's own spare and its client slots (home.py)
+    in_use = _fd_count.upper_bound(limit, reserve)
     if in_use + needed > limit - reserve:
         in_use = len(os.listdir("/proc/self/fd"))  # the bound is rough: make sure
         if in_use + needed > limit - reserve:

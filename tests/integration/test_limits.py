@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from pmx.supervisor.spawn import FD_RESERVE
+from pmx.supervisor.home import MIN_FD_RESERVE
 
 from tests.conftest import Pmx, app_path, wait_until
 from tests.integration.hostile_helpers import (
@@ -94,7 +94,7 @@ def test_spawn_near_the_fd_limit_is_refused_naming_file_descriptors(pmxd: Pmx) -
         pytest.skip("needs prlimit (util-linux)")
     pid = daemon_pid(pmxd)
     in_use = settled(lambda: fd_count(pid), "pmxd's fd count")
-    limit = in_use + FD_RESERVE + 40  # room for about ten instances
+    limit = in_use + MIN_FD_RESERVE + 40  # room for about ten instances
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True,
                    timeout=30)
     assert nofile_limits(pid) == (str(limit), str(limit))
