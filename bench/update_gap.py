@@ -1,10 +1,11 @@
 """What `pmx update` (pmxd replacing itself with the installed version) costs the apps.
 
 A 2-instance HTTP cluster is loaded with fresh connections on 127.0.0.1 while pmxd is
-updated several times. pmxd re-executes itself in place and restarts its apps once (see
-the README), so requests fail for a while: this prints that gap (first to last failed
-request), the failed-request count, and the command's own wall time, against a plain
-`pmx restart web` of the same cluster in the same run as the baseline.
+updated several times. pmxd re-executes itself in place and the new image adopts the
+running processes (see the README), so no request should fail and no pid change. This
+prints the failed-request count, the gap (first to last failed request), how many app
+pids survived, and the command's own wall time, against a plain `pmx restart web` of the
+same cluster in the same run as the baseline.
 """
 
 from __future__ import annotations
@@ -51,14 +52,18 @@ class Probe(threading.Thread):
 
 def measure(home: PmxHome, port: int, command: list[str], runs: int) -> None:
     gaps, failed, walls = [], 0, []
+    kept = total = 0
     for _ in range(runs):
         probe = Probe(port)
         probe.start()
         time.sleep(0.5)
+        before = {row["pid"] for row in home.list()}
         began = time.monotonic()
         home.run(*command)
         home.wait_online("web", 2)
         walls.append(time.monotonic() - began)
+        kept += len(before & {row["pid"] for row in home.list()})
+        total += len(before)
         time.sleep(0.5)
         probe.stopping.set()
         probe.join(10)
@@ -66,7 +71,7 @@ def measure(home: PmxHome, port: int, command: list[str], runs: int) -> None:
         gaps.append(probe.failures[-1] - probe.failures[0] if probe.failures else 0.0)
     print(f"  pmx {' '.join(command):<12} failed requests {failed:>5} over {runs} runs; "
           f"gap median {ms(sorted(gaps)[len(gaps) // 2])}, max {ms(max(gaps))}; "
-          f"command wall median {ms(sorted(walls)[len(walls) // 2])}")
+          f"pids kept {kept}/{total}; command wall median {ms(sorted(walls)[len(walls) // 2])}")
 
 
 def main() -> None:

@@ -49,9 +49,10 @@ def kill() -> None:
 @click.command()
 @handles_errors
 def update() -> None:
-    """Replace the running pmxd with the installed version (apps restart once)."""
+    """Replace the running pmxd with the installed version; the apps keep running."""
     client = Client()
     before = client.call(Command.PING)
+    running = _running_pids(client)
     began = time.monotonic()
     client.call(Command.UPDATE)
     deadline = time.monotonic() + 30
@@ -67,9 +68,18 @@ def update() -> None:
             fail(f"the new pmxd did not answer within 30s; see PMX_HOME/{DAEMON_LOG}",
                  ExitCode.FAILED)
         time.sleep(0.05)
+    kept = len(running & _running_pids(client))
+    replaced = f"; {len(running) - kept} restarted" if kept < len(running) else ""
     click.echo(f"[pmx] pmxd {before.get('version')} -> {after.get('version')} (pid "
-               f"{after.get('pid')}); its {after.get('apps')} apps restarted; "
-               f"{time.monotonic() - began:.2f}s in all")
+               f"{after.get('pid')}) in {time.monotonic() - began:.2f}s; {kept} of "
+               f"{len(running)} app processes kept running, same pids{replaced}")
+
+
+def _running_pids(client: Client) -> set[int]:
+    rows = client.call(Command.LIST).get("instances")
+    pids = (row.get("pid") for row in (rows if isinstance(rows, list) else [])
+            if isinstance(row, dict) and row.get("status") == "online")
+    return {pid for pid in pids if isinstance(pid, int)}
 
 
 @click.command()

@@ -145,6 +145,16 @@ class AppGroup:
             on_listening=self._readiness.on_listening,
         )
 
+    def restore_instance(self, index: int, instance_id: int) -> Instance:
+        """`pmx update`: the slot as the previous image had it (handover.py fills it in)."""
+        instance = self.instances[index] = self._new_instance(index, instance_id)
+        return instance
+
+    def resume(self) -> None:
+        """`pmx update`: the instances are restored; go on waiting for those starting."""
+        for instance in self.instances.values():
+            self._on_instance_change(instance)
+
     @property
     def mode(self) -> str:
         return describe_mode(self.spec)

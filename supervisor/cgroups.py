@@ -64,6 +64,16 @@ class Cgroups:
             groups.memory = groups._enable_memory()
         return groups
 
+    @property
+    def tag(self) -> str:
+        return self._tag
+
+    def continue_tag(self, tag: str) -> None:
+        """After `pmx update`: the instances adopted from the previous image live in its
+        cgroups, which are this image's from now on (not stale ones to clear)."""
+        if tag.startswith(self._home_tag) and "/" not in tag:
+            self._tag = tag
+
     def describe(self) -> str:
         memory = "memory.current" if self.memory else "the processes' resident pages"
         return f"cgroup v2 under {self.base} (cgroup.kill; memory from {memory})"

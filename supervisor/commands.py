@@ -403,9 +403,10 @@ class Commands:
     async def update(self, args: Args) -> JsonObject:
         """-> {pid, apps}: replace this pmxd with the installed version, in place (same pid).
 
-        The new image finds state.json, takes over the listening sockets (so no
-        connection is refused), stops the apps the old one ran and starts them again:
-        apps restart once. Refused (busy) while any app has an operation running."""
+        The apps keep running: the new image adopts every running process with its
+        pipes, pidfd, IPC channel and listening sockets (handover.py); only a slot that
+        was stopping or waiting to restart is started again. Refused (busy) while any app
+        has an operation running."""
         self._registry.check_idle()
         self._host.update_soon()
         return {"pid": os.getpid(), "apps": len(self._registry)}

@@ -7,14 +7,16 @@ Start-up order matters:
    steal the first one's sockets.
 3. Raise RLIMIT_NOFILE to the hard limit (libzmq aborts the process on EMFILE, and
    every child costs two pipe fds), become a child subreaper, bind the sockets.
-4. Recover from a previous pmxd's crash (or take over after `pmx update`).
+4. Take over the running apps after `pmx update` (handover.py), before installing the
+   SIGCHLD handler that would reap them as strays; recover from a previous pmxd's crash.
 5. `READY=1` to systemd's NOTIFY_SOCKET once the sockets answer and the apps started.
 
 SIGTERM and SIGINT run the same code as `pmx kill`: stop every app gracefully, then exit.
 
 The parts, one module each: registry (apps, targets), commands (the handlers), app and
 process (lifecycle), spawn, sockets, readiness, monitor (stats, memory limits), logs
-(output routing), control (ZeroMQ), recovery (state file, crash, update), home, dump.
+(output routing), control (ZeroMQ), recovery (state file, crash), handover (`update`),
+home, dump.
 The Daemon is the instances' `Runtime`: it forwards each callback to the part that owns it.
 """
 
@@ -40,6 +42,7 @@ from .control import ControlServer
 from .dropin import ListenReport
 from .dump import read_dump
 from .errors import ConfigError, ExitCode, HomeError, PmxError
+from .handover import Handover, exec_new_version, hand_over
 from .home import (
     DAEMON_LOG,
     DUMP_FILE,
@@ -59,7 +62,7 @@ from .process import Instance
 from .protocol import JsonObject, event_topic
 from .readiness import NotifySocket
 from .reaper import Reaper, become_subreaper
-from .recovery import Recovery, StateFile, exec_new_version
+from .recovery import Recovery, StateFile
 from .registry import Registry
 from .states import ENDED, State
 from .watch import AutoReload
@@ -91,6 +94,7 @@ class Daemon:
         self.log_files = LogFiles()
         self.reaper = Reaper(self.loop)
         self.recovery = Recovery(home / STATE_FILE, home / SPAWN_JOURNAL, home)
+        self.handover = Handover(self.recovery.document)
         commands = Commands(self)
         self.control = ControlServer(home, commands.handlers())
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
@@ -114,7 +118,7 @@ class Daemon:
         base_env = {**base_env, "PMX_HOME": str(self.home)}
         app = AppGroup(spec, base_env=base_env, runtime=self, logs_dir=self.home / LOGS_DIR,
                        log_files=self.log_files, next_id=self.registry.next_id)
-        app.sockets = self.recovery.take_sockets(spec.name)
+        app.sockets = self.handover.take_sockets(spec.name)
         return app
 
     # ------------------------------------------------------------ Runtime for instances
@@ -191,13 +195,14 @@ class Daemon:
         self.loop.call_later(REPLY_GRACE_S, self._stopping.set)
 
     def update_soon(self) -> None:
-        self.state_file.write_now(handing_over_sockets=True)
         self.loop.call_later(REPLY_GRACE_S, self._exec_new_version)
 
     def _exec_new_version(self) -> None:
         log.info("pmxd %s replacing itself with the installed version", __version__)
         self.control.close_now()
         self.notify.close()
+        # From here to exec, no await: nothing changes between the handover and the exec.
+        self.state_file.write_now(handover=hand_over(self.registry, self.output, self.cgroups))
         try:
             exec_new_version(self.home, self.monitor.interval_s)
         except OSError as exc:
@@ -244,12 +249,18 @@ class Daemon:
         line, already validated. When one cannot start, pmxd stops the others and exits 1
         with the reasons in `startup_errors`, instead of idling with nothing running (a
         container that looks healthy)."""
+        self.handover.adopt(self.registry, self.reaper, self.output, self.cgroups)
         self.reaper.install()
         become_subreaper()
         self.control.bind()
         await self.control.start()
         await self.recovery.recover(
-            lambda specs, env: self.start_specs(specs, env, skip_existing=True))
+            lambda specs, env: self.start_specs(specs, env, skip_existing=True), self.handover)
+        self.handover.start_pending()
+        self.handover.close_unused()
+        self.monitor.instances_changed()  # the adopted processes: sampled, watched, saved
+        self.auto_reload.changed()
+        self.state_file.changed()
         if self.cgroups is not None:
             self.cgroups.remove_stale()  # what recovery's graceful stop left, if anything
         for signum in (signal.SIGTERM, signal.SIGINT):

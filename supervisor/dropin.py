@@ -163,21 +163,39 @@ class NodeChannel:
     pmxd keeps one end; the child gets the other at spawn. Messages from the app
     (`process.send(...)`) reach `on_message`; `send` writes one to the app."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[Json], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[Json], None], *,
+                 ours: socket.socket | None = None, buffered: bytes = b"") -> None:
+        """`ours`: pmxd's end of a running app's channel, and what was read of its next
+        message (after `pmx update`); else a new pair."""
         self._loop = loop
         self._on_message = on_message
-        self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._theirs: socket.socket | None = None
+        if ours is None:
+            self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self._ours = ours
         self._ours.setblocking(False)
-        self._buffer = b""
+        self._buffer = buffered
         self._open = True
         loop.add_reader(self._ours.fileno(), self._on_readable)
 
     def child_fd(self) -> int:
+        assert self._theirs is not None
         return self._theirs.fileno()
 
     def spawned(self) -> None:
         """The child has its end: close ours of it."""
-        self._theirs.close()
+        if self._theirs is not None:
+            self._theirs.close()
+            self._theirs = None
+
+    def hand_over(self) -> tuple[int, bytes]:
+        """`pmx update`: stop reading; pmxd's end, kept open across exec, and any part of a
+        message read so far."""
+        self._open = False
+        self._loop.remove_reader(self._ours.fileno())
+        os.set_inheritable(self._ours.fileno(), True)
+        return self._ours.fileno(), self._buffer
 
     def send(self, message: Json) -> bool:
         if not self._open:
@@ -216,8 +234,9 @@ class NodeChannel:
             self._open = False
             self._loop.remove_reader(self._ours.fileno())
             self._ours.close()
-            with contextlib.suppress(OSError):
-                self._theirs.close()
+            if self._theirs is not None:
+                with contextlib.suppress(OSError):
+                    self._theirs.close()
 
 
 def describe_mode(spec: AppSpec) -> str:

@@ -231,7 +231,7 @@ class PipeReader:
         self._stamp = compile_date_format(date_format) if date_format else None
         self._sink = sink
         self._on_close = on_close
-        self._partial = b""
+        self.partial = b""  # a line begun: held until its newline
         os.set_blocking(fd, False)
         try:
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
@@ -246,12 +246,12 @@ class PipeReader:
         if not chunk:
             self.close()
             return
-        data = self._partial + chunk
+        data = self.partial + chunk
         lines = data.split(b"\n")
-        self._partial = lines.pop()
-        while len(self._partial) >= MAX_LINE_BYTES:
-            lines.append(self._partial[:MAX_LINE_BYTES])
-            self._partial = self._partial[MAX_LINE_BYTES:]
+        self.partial = lines.pop()
+        while len(self.partial) >= MAX_LINE_BYTES:
+            lines.append(self.partial[:MAX_LINE_BYTES])
+            self.partial = self.partial[MAX_LINE_BYTES:]
         if lines:
             self._emit([_split_long(line) for line in lines])
 
@@ -267,9 +267,9 @@ class PipeReader:
     def close(self) -> None:
         if self.fd < 0:
             return
-        if self._partial:
-            self._emit([[self._partial]])
-            self._partial = b""
+        if self.partial:
+            self._emit([[self.partial]])
+            self.partial = b""
         self._loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -319,8 +319,12 @@ class OutputRouter:
         self._log_files = log_files
         self._publish = publish
         self._echo = echo  # container mode: also to our stdout
+        self._readers: dict[str, list[PipeReader]] = {}  # by the spawn's run_id
 
-    def attach(self, app: AppGroup, instance: Instance, stdout_fd: int, stderr_fd: int) -> None:
+    def attach(self, app: AppGroup, instance: Instance, stdout_fd: int | None,
+               stderr_fd: int | None, partial: Mapping[str, bytes] | None = None) -> None:
+        """Read the instance's pipes. A pipe may be missing, and a line begun (`partial`,
+        by stream) when the previous pmxd image handed the pipes over (`pmx update`)."""
         topic = log_topic(instance.app)
         echo_prefix = f"{instance.app}:{instance.index} | ".encode()
 
@@ -333,13 +337,33 @@ class OutputRouter:
             self._publish(topic, {"app": instance.app, "id": instance.id,
                                   "instance": instance.index, "stream": stream, "lines": texts})
 
+        run_id = instance.run_id
+        readers = self._readers.setdefault(run_id, [])
+
         def closed(reader: PipeReader) -> None:
             self._log_files.release(reader.file)
+            readers.remove(reader)
+            if not readers:
+                self._readers.pop(run_id, None)
 
-        # The loop's reader callbacks keep each PipeReader alive until its pipe closes.
         for fd, stream in ((stdout_fd, "out"), (stderr_fd, "error")):
-            PipeReader(self._loop, fd, stream=stream, file=app.acquire_log(instance.index, stream),
-                       date_format=app.spec.log_date_format, sink=sink, on_close=closed)
+            if fd is None:
+                continue
+            reader = PipeReader(self._loop, fd, stream=stream,
+                                file=app.acquire_log(instance.index, stream),
+                                date_format=app.spec.log_date_format, sink=sink, on_close=closed)
+            reader.partial = (partial or {}).get(stream, b"")
+            readers.append(reader)
+
+    def hand_over(self, instance: Instance) -> dict[str, tuple[int, bytes]]:
+        """`pmx update`: stop reading the instance's pipes and keep them open across exec:
+        stream -> (fd, the line begun). Its log files stay for this image to close."""
+        handed: dict[str, tuple[int, bytes]] = {}
+        for reader in self._readers.pop(instance.run_id, []):
+            self._loop.remove_reader(reader.fd)
+            os.set_inheritable(reader.fd, True)
+            handed[reader.stream] = (reader.fd, reader.partial)
+        return handed
 
 
 def _echo(prefix: bytes, lines: list[bytes]) -> None:

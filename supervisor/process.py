@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
@@ -225,6 +226,26 @@ class Instance:
         self._runtime.watch_exit(self, self.pid, self.pidfd)
         self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)
         log.info("%s spawned pid %d: %s", self.name, self.pid, " ".join(spawned.argv))
+
+    def restore(self, state: State, reason: str, since: float, *, restarts: int,
+                unstable_restarts: int, last_exit: str | None, stderr_tail: list[str]) -> None:
+        """After `pmx update` (handover.py): what the previous image knew of this slot.
+        No move and no event: nothing happened to the process."""
+        self.state, self.reason, self.since = state, reason, since
+        self.restarts, self.unstable_restarts, self.last_exit = restarts, unstable_restarts, last_exit
+        self.stderr_tail.extend(stderr_tail)
+
+    def adopt(self, pid: int, pidfd: int, start_time: int, run_id: str, started_at: float,
+              channel: tuple[socket.socket, bytes] | None) -> None:
+        """After `pmx update`: the running process the previous image handed over (the
+        caller watches its pidfd and reads its pipes). `started_at` is monotonic, which
+        is system-wide: uptime goes on."""
+        self.pid, self.pidfd, self.start_time, self.run_id = pid, pidfd, start_time, run_id
+        self.started_at = started_at
+        self._exited = self._runtime.loop.create_future()
+        if channel is not None:
+            self.channel = NodeChannel(self._runtime.loop, self._on_channel_message,
+                                       ours=channel[0], buffered=channel[1])
 
     # ------------------------------------------------------------ messages from the app
 

@@ -17,9 +17,8 @@ carrying the apps' output and the sockets' owner is gone, so a re-adopted app wo
 into a broken pipe. A restart is one short gap; a re-adopted half-working app is an
 outage nobody sees.
 
-`pmx update` re-executes pmxd in place (same pid). The listening sockets of cluster apps
-are made inheritable and their fd numbers written into the state file, so the new
-image takes them over and connections wait in the backlog instead of being refused.
+`pmx update` re-executes pmxd in place (same pid) and the new image adopts the running
+processes (handover.py); recovery then leaves those, and only those, alone.
 """
 
 from __future__ import annotations
@@ -31,11 +30,10 @@ import json
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from .app import AppGroup
 from .config import AppSpec, spec_from_table
@@ -43,7 +41,6 @@ from .errors import PmxError
 from .options import Invalid, parse_duration_s
 from .process import Instance
 from .procfs import process_start_time
-from .sockets import AppSockets, ListenSocket
 from .states import ENDED
 
 log = logging.getLogger(__name__)
@@ -97,15 +94,14 @@ class StateFile:
         if self._write_pending is None:
             self._write_pending = self._loop.call_later(SNAPSHOT_INTERVAL_S, self.write_now)
 
-    def write_now(self, *, handing_over_sockets: bool = False) -> None:
-        """Rewrite the file. `handing_over_sockets`: pmxd is about to exec itself, and the
-        listening sockets' fds (made inheritable) go into the file for the new image."""
+    def write_now(self, *, handover: Mapping[str, object] | None = None) -> None:
+        """Rewrite the file. `handover`: pmxd is about to exec itself; what the new image
+        takes over (handover.py)."""
         if self._write_pending is not None:
             self._write_pending.cancel()
             self._write_pending = None
         apps: list[str] = []
         processes: list[object] = []
-        sockets: list[object] = []
         encoded: dict[str, tuple[AppSpec, Mapping[str, str], str]] = {}
         for app in self._apps():
             running = any(i.state not in ENDED for i in app.all_instances())
@@ -122,16 +118,10 @@ class StateFile:
                 entry = _process_entry(instance)
                 if entry is not None:
                     processes.append(entry)
-            if handing_over_sockets and app.sockets is not None and not app.sockets.reuse_port:
-                # reuse_port slots are bound again; only shared sockets pass
-                for item in app.sockets.shared:
-                    os.set_inheritable(item.sock.fileno(), True)
-                    sockets.append({"app": app.name, "address": item.address,
-                                    "fd": item.sock.fileno(), "unix_path": item.unix_path})
         self._encoded = encoded
         document = (f'{{"pmxd_pid":{os.getpid()},"apps":[{",".join(apps)}],'
                     f'"processes":{json.dumps(processes, separators=(",", ":"))},'
-                    f'"sockets":{json.dumps(sockets, separators=(",", ":"))}}}')
+                    f'"handover":{json.dumps(handover, separators=(",", ":"))}}}')
         try:
             _write_atomically(self.path, document.encode())
         except OSError as exc:
@@ -179,77 +169,53 @@ class _RateLimitedWarning:
             log.warning("%s", message)
 
 
+class Adopted(Protocol):
+    """What the new image took over after `pmx update` (handover.Handover)."""
+
+    apps: set[str]
+    processes: set[tuple[int, int]]  # (pid, start time)
+    run_ids: set[str]
+
+
 class Recovery:
-    """What a previous pmxd left: processes to stop, apps to start, sockets to take over."""
+    """What a previous pmxd left: processes to stop, apps to start. The files are read at
+    once, before this pmxd writes anything."""
 
     def __init__(self, state_path: Path, journal_path: Path, home: Path) -> None:
         self._state_path = state_path
-        self._journal_path = journal_path
         self._home = home
-        self._adopted: dict[str, AppSockets] = {}  # from our own pre-exec image
+        self.document: dict[str, object] = _read_state(state_path) or {}
+        self._journal = _read_journal(journal_path)
 
-    def take_sockets(self, app: str) -> AppSockets | None:
-        """The listening sockets the previous image held for `app`, if any."""
-        return self._adopted.pop(app, None)
-
-    async def recover(self, start_specs: StartSpecs) -> None:
-        """A previous pmxd died without stopping its apps: stop what it left, restart it."""
-        document = _read_state(self._state_path) or {}
-        recorded = _list(document.get("processes")) + _read_journal(self._journal_path)
+    async def recover(self, start_specs: StartSpecs, adopted: Adopted) -> None:
+        """A previous pmxd died without stopping its apps: stop what it left, restart it.
+        After `pmx update`, what the new image adopted is no leftover."""
+        document = self.document
+        recorded = _list(document.get("processes")) + self._journal
         # A process spawned in the instant before pmxd died may be in neither file: every
         # process of this home carries its marker in its environment.
         marked = marked_processes(self._home, _stop_settings(document))
         # The files' entries (which name the instance) go over the marker scan's.
         unique = {(entry.get("pid"), entry.get("start_time")): entry
                   for entry in marked + recorded}
-        leftovers = [entry for entry in unique.values() if _still_running(entry)]
+        leftovers = [entry for key, entry in unique.items() if _still_running(entry)
+                     and key not in adopted.processes and entry.get("run_id") not in adopted.run_ids]
         if leftovers:
             log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",
                         document.get("pmxd_pid"), len(leftovers))
-        self._adopt_sockets(document)
         await asyncio.gather(*(_stop_leftover(entry) for entry in leftovers))
         for entry in _list(document.get("apps")):
             if not entry.get("running"):
                 continue
             try:
                 spec = spec_from_table(entry["spec"], source=str(self._state_path))  # type: ignore[arg-type]
+                if spec.name in adopted.apps:
+                    continue
                 base_env = {str(k): str(v) for k, v in (entry.get("base_env") or {}).items()}  # type: ignore[attr-defined]
                 await start_specs([spec], base_env)
                 log.info("restarted %s after the previous pmxd's crash", spec.name)
             except (PmxError, KeyError, AttributeError, TypeError) as exc:
                 log.error("cannot restart an app of the previous pmxd: %s", exc)
-        for unused in self._adopted.values():
-            unused.close()  # sockets of apps that were not running
-        self._adopted.clear()
-
-    def _adopt_sockets(self, document: Mapping[str, object]) -> None:
-        """After `pmx update` exec'd this process, take over the listening sockets the
-        previous image left open. Only fds of this very process are meaningful."""
-        if document.get("pmxd_pid") != os.getpid():
-            return
-        for entry in _list(document.get("sockets")):
-            try:
-                fd = int(entry["fd"])  # type: ignore[call-overload]
-                sock = socket.socket(fileno=fd)
-            except (KeyError, TypeError, ValueError, OSError) as exc:
-                log.warning("cannot take over a listening socket: %s", exc)
-                continue
-            os.set_inheritable(fd, False)
-            app = str(entry.get("app"))
-            group = self._adopted.setdefault(app, AppSockets(app, (), False))
-            unix_path = entry.get("unix_path")
-            group.shared.append(ListenSocket(str(entry.get("address")), sock,
-                                             unix_path if isinstance(unix_path, str) else None))
-        for app, group in self._adopted.items():
-            group.addresses = tuple(item.address for item in group.shared)
-            log.info("took over %s for app %s", ", ".join(group.addresses), app)
-
-
-def exec_new_version(home: Path, monitor_interval_s: float) -> None:
-    """Replace this process with the installed pmxd (same pid); returns only on failure."""
-    argv = [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(home),
-            "--foreground", "--log-file", "--monitor-interval", str(monitor_interval_s)]
-    os.execv(sys.executable, argv)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -297,7 +263,9 @@ def marked_processes(home: Path, settings: Mapping[str, tuple[str, float]]
         app = next((v[13:].decode(errors="replace") for v in variables
                     if v.startswith(b"PMX_APP_NAME=")), "?")
         stop_signal, timeout_s = settings.get(app, ("SIGTERM", 5.0))
-        found.append({"app": app, "instance": "?", "pid": pid,
+        run_id = next((v[11:].decode(errors="replace") for v in variables
+                       if v.startswith(b"PMX_RUN_ID=")), None)
+        found.append({"app": app, "instance": "?", "pid": pid, "run_id": run_id,
                       "start_time": process_start_time(pid), "stop_signal": stop_signal,
                       "kill_timeout_s": timeout_s})
     return found

@@ -49,6 +49,16 @@ class Registry:
         self._next_instance_id += 1
         return value
 
+    def ids_from(self, first: int) -> None:
+        """Ids given from now on are `first` or more (adopted instances keep theirs)."""
+        self._next_instance_id = max(self._next_instance_id, first)
+
+    def add(self, spec: AppSpec, base_env: Mapping[str, str]) -> AppGroup:
+        """A new app, with no instance started (`pmx update` adopts the running ones)."""
+        app = self.apps[spec.name] = self._make_app(spec, base_env)
+        self._on_change()
+        return app
+
     def __len__(self) -> int:
         return len(self.apps)
 
@@ -144,8 +154,7 @@ class Registry:
                 running.append(spec.name)
                 continue
             if app is None:
-                app = self.apps[spec.name] = self._make_app(spec, base_env)
-                self._on_change()
+                app = self.add(spec, base_env)
             async with app.operation("start"):
                 try:
                     problems = await app.start()

@@ -35,6 +35,9 @@ from .errors import SpawnError
 from .home import fd_reserve
 
 _run_ids = itertools.count(1)
+# A `pmx update` keeps the pid: this image's token keeps its run ids apart from those of
+# the processes it adopted from the previous one.
+_IMAGE = os.urandom(3).hex()
 
 _EXEC_SHIM = """\
 import fcntl, os, sys
@@ -149,7 +152,7 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
 
     `channel_fd` (Node's IPC channel) lands after the sockets: at fd 3 + their number
     when the shim moves fds, else at its own number."""
-    run_id = f"{os.getpid()}.{next(_run_ids)}"
+    run_id = f"{os.getpid()}.{_IMAGE}.{next(_run_ids)}"
     socket_fds = tuple(inheritance.fds) if inheritance is not None else ()
     moved = socket_fds + ((channel_fd,) if channel_fd is not None and socket_fds else ())
     child_channel_fd = channel_fd if not socket_fds or channel_fd is None else 3 + len(socket_fds)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import Pmx, app_path, free_port, pid_alive, pid_cluster_toml, wait_until
-from tests.httpload import LoadClient, get_pid
+from tests.httpload import get_pid
 
 
 @pytest.mark.slow
@@ -74,35 +74,3 @@ script = "{app_path('grandchild.py')}"
         service.wait(30)
         log.close()
     assert service.returncode == 0
-
-
-def test_update_replaces_pmxd_and_restarts_its_apps_once(pmx: Pmx) -> None:
-    pmx.run("start", app_path("idle.py"), "--name", "a", "-i", "2")
-    before = pmx.wait_status("a", "online", count=2)
-    daemon = pmx.daemon_pid()
-    result = pmx.run("update")
-    assert "apps restarted" in result.stdout
-    after = pmx.wait_status("a", "online", count=2)
-    assert pmx.daemon_pid() == daemon  # replaced in place, so a service manager sees no exit
-    assert not {r["pid"] for r in before} & {r["pid"] for r in after}
-    assert not any(pid_alive(r["pid"]) for r in before)
-
-
-def test_update_hands_listening_sockets_over_so_no_request_is_refused(pmx: Pmx) -> None:
-    port = free_port()
-    eco = pmx.write("web.toml", pid_cluster_toml("web", port, instances=2))
-    pmx.run("start", str(eco))
-    before = {row["pid"] for row in pmx.wait_status("web", "online", count=2)}
-    loader = LoadClient("127.0.0.1", port, max_seconds=60)
-    loader.start()
-    try:
-        wait_until(lambda: (loader.result.ok > 20, loader.result.ok), timeout=10, what="load")
-        pmx.run("update")
-        after = {row["pid"] for row in pmx.wait_status("web", "online", count=2)}
-        seen = loader.result.ok
-        wait_until(lambda: (loader.result.ok > seen + 20, loader.result.ok), timeout=10,
-                   what="served after the update")
-    finally:
-        result = loader.stop()
-    assert not before & after
-    assert result.failed == 0, result.errors
