@@ -396,7 +396,7 @@ def start_daemon(pmx: PmxHome, timeout: float = 30) -> int:
     from pmx.supervisor.errors import PmxError
     from pmx.supervisor.protocol import Command
 
-    subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(pmx.home)],
+    subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(pmx.home)],
                    env=pmx.env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                    check=True)
     client = pmx.client()

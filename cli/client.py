@@ -274,7 +274,7 @@ class Client:
         import subprocess  # only when starting pmxd: `pmx list` does not pay for it
 
         result = subprocess.run(
-            [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(self.home)],
+            [sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(self.home)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             timeout=START_TIMEOUT_S, check=False,
         )

@@ -1,12 +1,14 @@
-"""pmxd, the pmx daemon: owns every managed process. Entry point: pmx.supervisor.daemon:main.
+"""pmxd, the pmx daemon: owns every managed process. Entry point: pmx.supervisor.pmxd:main.
 
 The modules, one responsibility each (imports flow downwards in this list):
 
+    pmxd.py       the program: keeps ssl out of pmxd, then daemon.main
     daemon.py     wiring, lifecycle, signals, `main`; the instances' Runtime
     commands.py   the request handlers, each docstring its spec; the command table
     arguments.py  reading a request's arguments (typed, else bad_args) and app tables
     registry.py   the apps by name, instance ids, target resolution, the rows of `list`
-    recovery.py   the spawn journal and state.json snapshots, crash recovery, `pmx update`
+    recovery.py   the spawn journal and state.json snapshots, crash recovery
+    handover.py   `pmx update`: the running apps carried across pmxd's exec, adopted again
     control.py    the ZeroMQ server: ROUTER for requests, PUB for events, stats and logs
     quick.py      list and ping on a plain Unix socket, for a CLI that skips pyzmq's import
     monitor.py    CPU and memory sampling from /proc (off the loop), memory-limit restarts

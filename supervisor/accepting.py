@@ -18,7 +18,6 @@ that is starting; nothing is kept between calls.
 from __future__ import annotations
 
 import os
-import platform
 import struct
 from collections.abc import Iterable
 
@@ -27,7 +26,7 @@ _SYSCALLS = {
     "x86_64": ({43, 288}, {7, 271}, {23, 270}),
     "aarch64": ({202, 242}, {73}, {72}),
 }
-ACCEPT, POLL, SELECT = _SYSCALLS.get(platform.machine(), (set(), set(), set()))
+ACCEPT, POLL, SELECT = _SYSCALLS.get(os.uname().machine, (set(), set(), set()))
 MAX_POLL_FDS = 4096
 MAX_TREE = 256
 

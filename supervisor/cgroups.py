@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import signal
+import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class Cgroups:
         self.base = base
         # pmx-HOME-: this home's; then this pmxd image's own token (a `pmx update` keeps
         # the pid): what a previous image left is this home's with another token.
-        self._home_tag = PREFIX + hashlib.sha256(str(home).encode()).hexdigest()[:8] + "-"
+        # (crc32, not hashlib: that would load libcrypto, 3.5 MiB resident, for one tag)
+        self._home_tag = f"{PREFIX}{zlib.crc32(str(home).encode()):08x}-"
         self._tag = f"{self._home_tag}{os.urandom(3).hex()}-"
         self.memory = False  # memory.current is there in the instances' cgroups
 

@@ -15,10 +15,8 @@ anything, and the daemon validates again what it receives.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +163,8 @@ def parse_app(
                 raise ConfigError(f"{where}: {key} must be {exc}{found}") from None
             continue
         if option is None:
+            import difflib  # only for a mistake: not loaded into pmxd otherwise
+
             close = difflib.get_close_matches(key, [o.name for o in OPTIONS], n=1, cutoff=0.6)
             hint = f'; did you mean "{close[0]}"?' if close else ""
             raise ConfigError(f'{where}: unknown key "{key}"{hint}')
@@ -271,6 +271,8 @@ def parse_ecosystem(
 
 
 def _read_toml(file: Path, source: str) -> list[dict[str, object]]:
+    import tomllib  # here: it loads datetime, which pmxd needs for nothing else
+
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -24,7 +24,6 @@ looks at the apps again once per loop iteration, so a thousand changes cost one 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -49,6 +48,8 @@ _AT_REST_OR_GOING = frozenset({State.STOPPED, State.STOPPING})
 def next_run(expression: str, after: float) -> float | None:
     """The first time (epoch seconds) strictly after `after` at which `expression` fires,
     read in local time; None when it never does again. Seconds come first in 6 fields."""
+    import datetime  # here, as croniter: pmxd loads them only when an app has cron_restart
+
     from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
     start = datetime.datetime.fromtimestamp(after)  # naive local time: what cron means

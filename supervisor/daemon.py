@@ -251,6 +251,7 @@ class Daemon:
         container that looks healthy)."""
         self.handover.adopt(self.registry, self.reaper, self.output, self.cgroups)
         self.reaper.install()
+        self.reaper.reap_strays()  # children that ended while no handler was installed
         become_subreaper()
         self.control.bind()
         await self.control.start()
@@ -454,7 +455,3 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
 def runtime_main() -> int:
     """`pmx-runtime FILE...`: pmxd in the foreground as a container's PID 1."""
     return main(["--foreground", "--runtime", *sys.argv[1:]], prog=RUNTIME_PROG)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,14 +14,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import tomli_w
-
 from .config import AppSpec, parse_ecosystem
 from .errors import CommandError
 from .safe_files import create_new
 
 
 def write_dump(path: Path, specs: Sequence[AppSpec]) -> None:
+    import tomli_w  # here: pmxd needs it only for `pmx save`
+
     document = {"apps": [spec.to_table() for spec in specs]}
     data = (b"# Written by `pmx save`; start it with `pmx resurrect` or `pmx start` on "
             b"this file.\n") + tomli_w.dumps(document).encode()

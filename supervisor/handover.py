@@ -54,7 +54,7 @@ KEPT_STATES = (State.STOPPED, State.ERRORED)  # a slot in these stays as it is
 
 def exec_new_version(home: Path, monitor_interval_s: float) -> None:
     """Replace this process with the installed pmxd (same pid); returns only on failure."""
-    argv = [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(home),
+    argv = [sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(home),
             "--foreground", "--log-file", "--monitor-interval", str(monitor_interval_s)]
     os.execv(sys.executable, argv)
 

@@ -24,7 +24,6 @@ import itertools
 import os
 import pwd
 import resource
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -212,13 +211,21 @@ def _spawn_moving_fds(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:
-    executable = shutil.which(program, path=env.get("PATH", os.defpath)) if (
-        "/" not in program) else program
+    executable = _which(program, env.get("PATH", os.defpath)) if "/" not in program else program
     if executable is None or not os.access(executable, os.X_OK) or os.path.isdir(executable):
         why = "not found" if executable is None or not os.path.exists(executable) else (
             "permission denied (not executable)")
         raise SpawnError(f'cannot start app "{app}": {program}: {why}')
     return executable
+
+
+def _which(program: str, path: str) -> str | None:
+    """shutil.which for a bare name (shutil would load bz2 and lzma into pmxd for this)."""
+    for folder in path.split(os.pathsep):
+        candidate = os.path.join(folder or os.curdir, program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 class _FdCount:

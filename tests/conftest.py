@@ -110,7 +110,7 @@ class Pmx:
         return path
 
     def start_daemon(self, *extra: str) -> None:
-        subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home",
+        subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home",
                         str(self.home), *extra], env=self.env, check=True, timeout=30)
 
     def cleanup(self) -> list[str]:

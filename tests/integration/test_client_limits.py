@@ -53,7 +53,7 @@ def test_a_burst_of_100_clients_under_ulimit_128_leaves_pmxd_and_its_apps_runnin
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux)")
     subprocess.run(["prlimit", "--nofile=128:128", sys.executable, "-m",
-                    "pmx.supervisor.daemon", "--home", str(pmx.home)],
+                    "pmx.supervisor.pmxd", "--home", str(pmx.home)],
                    env=pmx.env, check=True, timeout=30)
     pid = daemon_pid(pmx)
     eco = ecosystem(pmx, *({"name": f"a{n}", "script": "/bin/sleep", "args": ["100000"],
@@ -204,7 +204,7 @@ def daemons_of(home: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pmx.supervisor.daemon" in argv and str(home).encode() in argv \
+        if b"pmx.supervisor.pmxd" in argv and str(home).encode() in argv \
                 and pid_alive(int(entry)):
             found.append(int(entry))
     return found

@@ -47,7 +47,7 @@ script = "{app_path('grandchild.py')}"
 
     # Start it again the way the service unit does.
     log = open(pmx.home / "foreground.log", "wb")  # noqa: SIM115 - closed below
-    service = subprocess.Popen([sys.executable, "-m", "pmx.supervisor.daemon", "--foreground",
+    service = subprocess.Popen([sys.executable, "-m", "pmx.supervisor.pmxd", "--foreground",
                                 "--resurrect", "--home", str(pmx.home)], env=pmx.env,
                                stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -25,7 +25,7 @@ from tests.conftest import Pmx, app_path, free_port, pid_alive, pid_cluster_toml
 from tests.httpload import get_pid
 
 RUNTIME = str(Path(sys.executable).with_name("pmx-runtime"))
-DAEMON = [sys.executable, "-m", "pmx.supervisor.daemon"]
+DAEMON = [sys.executable, "-m", "pmx.supervisor.pmxd"]
 EXAMPLES = Path(__file__).parents[2] / "config-examples"
 
 

@@ -85,7 +85,7 @@ def test_state_writes_that_fail_are_retried(small_home: Path) -> None:
         assert daemon is not None
         os.kill(daemon, signal.SIGKILL)
         wait_until(lambda: (not pid_alive(daemon), daemon), timeout=10, what="pmxd dead")
-        subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(pmx.home)],
+        subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(pmx.home)],
                        env=pmx.env, check=True, timeout=30)
         rows = pmx.wait_status("idle", "online", count=1)
         assert not pid_alive(new_pid) or rows[0]["pid"] == new_pid

@@ -264,7 +264,7 @@ def test_children_get_only_stdio_fds(pmx: Pmx) -> None:
 
 def test_second_daemon_on_same_home_refuses(pmxd: Pmx) -> None:
     first = pmxd.daemon_pid()
-    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home",
+    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home",
                              str(pmxd.home), "--foreground"], env=pmxd.env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1

@@ -36,7 +36,7 @@ from tests.mounts import fill, mount, umount
 def test_pmxd_raises_its_soft_fd_limit_to_the_hard_limit(pmx: Pmx) -> None:
     # Started with a low soft limit, as a login shell often gives (ulimit -Sn 1024).
     subprocess.run(["sh", "-c", 'ulimit -Sn 1024 && exec "$@"', "sh", sys.executable, "-m",
-                    "pmx.supervisor.daemon", "--home", str(pmx.home)],
+                    "pmx.supervisor.pmxd", "--home", str(pmx.home)],
                    env=pmx.env, check=True, timeout=30)
     soft, hard = nofile_limits(daemon_pid(pmx))
     assert soft == hard, (soft, hard)

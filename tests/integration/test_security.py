@@ -200,7 +200,7 @@ def test_three_daemons_started_at_once_leave_exactly_one() -> None:
         pmx = Pmx(home)
         try:
             starters = [subprocess.Popen(
-                [sys.executable, "-m", "pmx.supervisor.daemon", "--home", str(home)],
+                [sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(home)],
                 env=pmx.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]
             outcomes = [(starter.wait(30), starter.communicate()[1]) for starter in starters]
@@ -219,7 +219,7 @@ def test_three_daemons_started_at_once_leave_exactly_one() -> None:
 
 def test_second_foreground_daemon_exits_1_and_first_stays(pmxd: Pmx) -> None:
     first = daemon_pid(pmxd)
-    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home",
+    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home",
                              str(pmxd.home), "--foreground"], env=pmxd.env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1

@@ -27,7 +27,7 @@ from pmx.cli import startup
 
 from tests.conftest import CLI, Pmx, app_path, pid_alive, wait_until
 
-DAEMON = [sys.executable, "-m", "pmx.supervisor.daemon"]
+DAEMON = [sys.executable, "-m", "pmx.supervisor.pmxd"]
 IS_ROOT = os.geteuid() == 0
 USER = pwd.getpwuid(os.geteuid()).pw_name
 UNIT_NAME = f"pmx-{USER}.service" if IS_ROOT else "pmx.service"

@@ -102,7 +102,7 @@ def test_pmxd_refuses_a_planted_log_in_one_line(pmx: Pmx, target: Path) -> None:
     """End to end: pmxd.log a symlink -> pmxd says so and starts nothing (it used to append
     through the link and chmod the link's target 0600). The fixture stops any pmxd."""
     (pmx.home / "pmxd.log").symlink_to(target)
-    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--home",
+    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.pmxd", "--home",
                              str(pmx.home)], env=pmx.env, capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stderr) == (
         1, f"pmxd: refusing {pmx.home / 'pmxd.log'}: it is a symlink\n")
