@@ -14,11 +14,13 @@
    appears. pmxd's own events (their "time" field) split it into kill -> pmxd's first
    state event (the exit seen) and kill -> the "online" event. Baseline: one bare
    os.posix_spawn of the same binary in this process, timed after each trial.
-3. With 50 apps (one `/bin/sleep` instance each, monitor interval 1 s): pmxd's CPU
-   (utime + stime from /proc/PID/stat) over a 10 s window as a percentage of one core,
-   against the same window's CPU of `python -c "import time; [time.sleep(1) for _ in
-   range(99)]"`; pmxd's VmRSS against a bare `python -c "import zmq, psutil, asyncio;
-   import time; time.sleep(99)"`.
+3. With 50 apps (one `/bin/sleep` instance each, monitor interval 1 s): pmxd's CPU (the
+   scheduler's run time of all its threads, /proc/PID/task/*/schedstat) over a 10 s
+   window as a percentage of one core, against the same window's CPU of two interpreters
+   that wake once a second: `time.sleep(1)` in a loop, and an asyncio loop awaiting
+   `asyncio.sleep(1)` (the floor of any asyncio daemon that samples each second); pmxd's
+   VmRSS against a bare `python -c "import zmq, psutil, asyncio; import time;
+   time.sleep(99)"`.
 
 `pmx list` and `pmx list --json` with 10 apps: bench/cli_latency.py (--apps 10 is its default).
 
@@ -51,6 +53,7 @@ from benchlib import (
     open_files_limit,
     ratio,
     rss_bytes,
+    run_seconds,
     stop_pid,
     table,
     wait_for,
@@ -60,6 +63,9 @@ from benchlib import (
 SLEEP = "/bin/sleep"
 TIMEOUT_S = 120.0
 IDLE_CODE = "import time; [time.sleep(1) for _ in range(99)]"
+# The floor of any asyncio daemon that samples once a second: its loop waking each second.
+ASYNC_IDLE_CODE = ("import asyncio\nasync def main():\n    for _ in range(99):\n"
+                   "        await asyncio.sleep(1)\nasyncio.run(main())")
 IMPORTS_CODE = "import zmq, psutil, asyncio"
 RSS_CODE = "import zmq, psutil, asyncio; import time; time.sleep(99)"
 
@@ -288,26 +294,29 @@ def idle_figures(apps: int, window: float) -> dict[str, Any]:
         daemon = pmx.daemon_pid()
         assert daemon is not None, "no pmxd.pid"
         sleeper = subprocess.Popen([sys.executable, "-c", IDLE_CODE], stdin=subprocess.DEVNULL)
+        looper = subprocess.Popen([sys.executable, "-c", ASYNC_IDLE_CODE],
+                                  stdin=subprocess.DEVNULL)
         bare = subprocess.Popen([sys.executable, "-c", RSS_CODE], stdin=subprocess.DEVNULL)
+        others = (sleeper, looper, bare)
         try:
-            settled(sleeper.pid)
-            settled(bare.pid)
+            for other in others:
+                settled(other.pid)
             time.sleep(2)  # a couple of monitor rounds after the start
-            before = {pid: cpu_seconds(pid) for pid in (daemon, sleeper.pid)}
+            watched = (daemon, sleeper.pid, looper.pid)
+            before = {pid: run_seconds(pid) for pid in watched}
             started = time.monotonic()
             time.sleep(window)
             wall = time.monotonic() - started
-            used = {pid: cpu_seconds(pid) - before[pid] for pid in before}
+            used = {pid: (run_seconds(pid) - before[pid]) / wall * 100 for pid in watched}
             return {
-                "pmxd_pid": daemon, "wall": wall,
-                "pmxd_cpu": used[daemon] / wall * 100, "idle_cpu": used[sleeper.pid] / wall * 100,
+                "pmxd_pid": daemon, "wall": wall, "pmxd_cpu": used[daemon],
+                "idle_cpu": used[sleeper.pid], "loop_cpu": used[looper.pid],
                 "pmxd_rss": rss_bytes(daemon), "bare_rss": rss_bytes(bare.pid),
             }
         finally:
-            stop_pid(sleeper.pid, timeout=2)
-            stop_pid(bare.pid, timeout=2)
-            sleeper.wait(5)
-            bare.wait(5)
+            for other in others:
+                stop_pid(other.pid, timeout=2)
+                other.wait(5)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -355,7 +364,8 @@ def main() -> None:
     idle = idle_figures(args.apps, window)
     print(f"  pmxd pid {idle['pmxd_pid']}: CPU {idle['pmxd_cpu']:.2f}% of one core over "
           f"{idle['wall']:.1f}s, RSS {mib(idle['pmxd_rss'])}; sleeping interpreter "
-          f"{idle['idle_cpu']:.3f}%, bare python with zmq+psutil+asyncio RSS "
+          f"{idle['idle_cpu']:.3f}%, asyncio loop waking each second {idle['loop_cpu']:.3f}%, "
+          f"bare python with zmq+psutil+asyncio RSS "
           f"{mib(idle['bare_rss'])}")
 
     def col(name: str) -> list[float]:
@@ -387,19 +397,17 @@ def main() -> None:
         rows.append((label, spread(values) if values else "n/a", "one posix_spawn",
                      spread(single) if single else "n/a",
                      ratio(median(values), base_single) if values else "n/a"))
-    tick = 100 / os.sysconf("SC_CLK_TCK") / idle["wall"]  # one clock tick, in % of the window
     rows.append((f"idle CPU, {args.apps} apps, % of a core", f"{idle['pmxd_cpu']:.2f}%",
-                 "sleeping python", f"{idle['idle_cpu']:.3f}%",
-                 ratio(idle["pmxd_cpu"], idle["idle_cpu"]) if idle["idle_cpu"] else
-                 f"> {idle['pmxd_cpu'] / tick:.0f}x (0 ticks)"))
+                 "python, time.sleep(1) loop", f"{idle['idle_cpu']:.3f}%",
+                 ratio(idle["pmxd_cpu"], idle["idle_cpu"])))
+    rows.append(("", "", "python, asyncio.sleep(1) loop", f"{idle['loop_cpu']:.3f}%",
+                 ratio(idle["pmxd_cpu"], idle["loop_cpu"])))
     rows.append((f"RSS, {args.apps} apps", mib(idle["pmxd_rss"]), "python + zmq, psutil, asyncio",
                  mib(idle["bare_rss"]), ratio(idle["pmxd_rss"], idle["bare_rss"])))
     table(rows, ["figure", "pmx", "baseline", "baseline figure", "pmx / baseline"])
     print("\n  pmx list / pmx list --json with 10 apps: python bench/cli_latency.py --apps 10")
-    if idle["idle_cpu"] == 0:
-        print("  the sleeping interpreter used no measurable CPU in the window (/proc counts in "
-              f"1/{os.sysconf('SC_CLK_TCK')} s ticks): the ratio is against one tick, a lower "
-              "bound")
+    print("  CPU is the scheduler's run time of every thread (/proc/PID/task/*/schedstat), not "
+          "utime + stime: those count 1/100 s ticks, too coarse for an idle process")
 
 
 if __name__ == "__main__":
