@@ -238,6 +238,10 @@ class Commands:
         if new_apps:
             started = await self._host.start_specs(new_apps, base_env)
             result["started"] = started["started"]
+            problems = started.get("errors")  # a new app that could not start is said, too
+            known = result.get("errors")
+            if isinstance(problems, list) and isinstance(known, list):
+                result["errors"] = [*known, *problems]
         return result
 
     async def _reload_apps(self, targets: list[tuple[AppGroup, AppSpec | None]], *,

@@ -161,6 +161,18 @@ def test_reload_file_applies_changed_settings(pmx: Pmx) -> None:
         assert b"COLOR=green" in file.read().split(b"\0")
 
 
+def test_reload_file_says_why_a_new_app_of_the_file_did_not_start(pmx: Pmx) -> None:
+    app = '[[apps]]\nname = "a"\nscript = "/bin/sleep"\nargs = ["1000"]\ninterpreter = "none"\n'
+    pmx.run("start", str(pmx.write("one.toml", app)))
+    two = pmx.write("two.toml", app + '[[apps]]\nname = "b"\nscript = "no-such-program-xyz"\n'
+                    'interpreter = "none"\n')
+    result = pmx.run("reload", str(two), check=False)
+    assert result.returncode == 1, result
+    assert 'cannot start app "b": no-such-program-xyz: not found' in result.stderr
+    assert "reloaded: a" in result.stdout
+    pmx.wait_status("a", "online", count=1)
+
+
 def test_fork_app_reload_overlaps_and_restart_mode(pmx: Pmx) -> None:
     eco = pmx.write("fork.toml", f"""
 [[apps]]
