@@ -77,8 +77,10 @@ REPLY_GRACE_S = 0.05  # lets the reply of `kill` or `update` leave before we act
 class Daemon:
     """Owns the parts; implements process.Runtime for the instances."""
 
-    def __init__(self, home: Path, *, monitor_interval_s: float, runtime_mode: bool = False) -> None:
+    def __init__(self, home: Path, *, monitor_interval_s: float, runtime_mode: bool = False,
+                 log_to_file: bool = True) -> None:
         self.home = home
+        self.log_to_file = log_to_file  # else to stderr (systemd's journal, a container)
         # Container mode: app output also goes to our stdout, and pmxd exits once every
         # app has ended, with 0 only when they all exited 0.
         self.runtime_mode = runtime_mode
@@ -204,7 +206,8 @@ class Daemon:
         # From here to exec, no await: nothing changes between the handover and the exec.
         self.state_file.write_now(handover=hand_over(self.registry, self.output, self.cgroups))
         try:
-            exec_new_version(self.home, self.monitor.interval_s)
+            exec_new_version(self.home, self.monitor.interval_s, log_to_file=self.log_to_file,
+                             runtime=self.runtime_mode)
         except OSError as exc:
             log.error("cannot exec the new pmxd: %s; stopping", exc)
             self._stopping.set()
@@ -433,7 +436,8 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
         async def amain() -> int:
             # Files on a foreground command line mean a container's entry point.
             runtime_mode = args.runtime or bool(args.foreground and args.files)
-            daemon = Daemon(home, monitor_interval_s=interval, runtime_mode=runtime_mode)
+            daemon = Daemon(home, monitor_interval_s=interval, runtime_mode=runtime_mode,
+                            log_to_file=not (args.foreground and not args.log_file))
             status = await daemon.run(resurrect=args.resurrect, files=files, ready_fd=ready_fd)
             errors.extend(daemon.startup_errors)
             return status

@@ -52,10 +52,15 @@ ADOPTED_STATES = (State.ONLINE, State.STARTING)  # a process in these keeps runn
 KEPT_STATES = (State.STOPPED, State.ERRORED)  # a slot in these stays as it is
 
 
-def exec_new_version(home: Path, monitor_interval_s: float) -> None:
-    """Replace this process with the installed pmxd (same pid); returns only on failure."""
+def exec_new_version(home: Path, monitor_interval_s: float, *, log_to_file: bool,
+                     runtime: bool) -> None:
+    """Replace this process with the installed pmxd (same pid), logging where this image
+    logs (its file, or stderr under systemd or in a container), in container mode if
+    this image is; returns only on failure."""
     argv = [sys.executable, "-m", "pmx.supervisor.pmxd", "--home", str(home),
-            "--foreground", "--log-file", "--monitor-interval", str(monitor_interval_s)]
+            "--foreground", "--monitor-interval", str(monitor_interval_s)]
+    argv += ["--log-file"] if log_to_file else []
+    argv += ["--runtime"] if runtime else []
     os.execv(sys.executable, argv)
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -156,3 +157,29 @@ def test_an_instance_that_dies_during_the_update_is_restarted(pmx: Pmx) -> None:
                                and r[0]["pid"] != victim, r), timeout=15, what="a restarted")
     assert rows[0]["restarts"] == 1
     wait_until(lambda: (not pid_alive(victim), None), timeout=5, what="the victim reaped")
+
+
+def test_a_foreground_pmxd_keeps_logging_to_stderr_after_the_update(pmx: Pmx) -> None:
+    """Under systemd pmxd logs to the journal (stderr); the new image must, too."""
+    stderr = open(pmx.home / "journal.log", "wb")  # noqa: SIM115 - closed below
+    service = subprocess.Popen([sys.executable, "-m", "pmx.supervisor.pmxd", "--foreground",
+                                "--home", str(pmx.home)], env=pmx.env, stdout=stderr,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (pmx.run("ping", check=False).returncode == 0, None), timeout=15,
+                   what="pmxd up")
+        pmx.run("start", app_path("idle.py"), "--name", "a")
+        pid = pmx.wait_status("a", "online", count=1)[0]["pid"]
+        pmx.run("update")
+        journal = pmx.home / "journal.log"
+        wait_until(lambda: ("took over 1 apps and 1 running processes" in journal.read_text(),
+                            journal.read_text()[-500:]), timeout=10, what="the new image's log")
+        assert not (pmx.home / "pmxd.log").exists()
+        assert pmx.pids("a") == [pid]
+        pmx.run("kill")
+        assert service.wait(30) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        stderr.close()
