@@ -61,7 +61,12 @@ class ControlServer:
         self._context = zmq.asyncio.Context()
         self._uid = os.getuid()
         self._router = self._context.socket(zmq.ROUTER)
-        self._pub = self._context.socket(zmq.PUB)
+        # XPUB: a PUB that also reports its subscriptions, so that log lines nobody
+        # follows are never encoded (that costs more than the app's own writing).
+        self._pub = self._context.socket(zmq.XPUB)
+        self._subscriptions: dict[bytes, int] = {}  # topic prefix -> subscribers
+        # the same socket, read without futures
+        self._pub_reader: zmq.Socket[bytes] = zmq.Socket.shadow(self._pub.underlying)
         self._tasks: set[asyncio.Task[None]] = set()
         self._receiver: asyncio.Task[None] | None = None
         self._line_seq: dict[str, int] = {}  # log topic -> seq of its next line
@@ -84,6 +89,10 @@ class ControlServer:
         # stops reading costs at most PUBLISH_BUDGET_BYTES, then loses messages.
         self._pub.setsockopt(zmq.SNDHWM, PUBLISH_HWM)
         self._pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers send only subscriptions
+        # Every subscribe and unsubscribe, also those of a subscriber that went away, and
+        # none ever dropped: `wants` counts them.
+        self._pub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self._pub.setsockopt(zmq.RCVHWM, 0)
         self._router.bind(f"ipc://{self.rpc_path}")
         self._pub.bind(f"ipc://{self.pub_path}")
         os.chmod(self.rpc_path, 0o600)
@@ -92,6 +101,26 @@ class ControlServer:
     async def start(self) -> None:
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
         await self.quick.start()
+
+    def wants(self, topic: str) -> bool:
+        """Whether a subscriber would receive `topic` now."""
+        while True:  # the subscription messages that came since the last look
+            try:
+                message = self._pub_reader.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
+                log.warning("reading subscriptions failed: %s", exc)
+                return True
+            prefix, count = message[1:], self._subscriptions.get(message[1:], 0)
+            if message[:1] == b"\x01":
+                self._subscriptions[prefix] = count + 1
+            elif message[:1] == b"\x00" and count > 1:
+                self._subscriptions[prefix] = count - 1
+            elif message[:1] == b"\x00":
+                self._subscriptions.pop(prefix, None)
+        name = topic.encode()
+        return any(name.startswith(prefix) for prefix in self._subscriptions)
 
     def publish(self, topic: str, body: Mapping[str, object]) -> None:
         """Send at once, never queue here: PUB drops what a subscriber at its high-water

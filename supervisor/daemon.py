@@ -100,7 +100,7 @@ class Daemon:
         commands = Commands(self)
         self.control = ControlServer(home, commands.handlers())
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
-                                   echo=runtime_mode)
+                                   wants=self.control.wants, echo=runtime_mode)
         self.monitor = ResourceMonitor(lambda: self.registry, interval_s=monitor_interval_s,
                                        publish=self.control.publish, app_event=self.publish_event)
         self.notify = NotifySocket(self.loop, home / NOTIFY_SOCKET, self._on_notify)
