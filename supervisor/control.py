@@ -124,7 +124,10 @@ class ControlServer:
 
     def publish(self, topic: str, body: Mapping[str, object]) -> None:
         """Send at once, never queue here: PUB drops what a subscriber at its high-water
-        mark cannot take (log lines carry "seq", so the subscriber can say so)."""
+        mark cannot take (log lines carry "seq", so the subscriber can say so). What no
+        subscriber would receive is not even encoded."""
+        if not self.wants(topic):
+            return
         lines = body.get("lines")
         if topic.startswith(LOG_PREFIX) and isinstance(lines, list):
             head = {key: value for key, value in body.items() if key != "lines"}

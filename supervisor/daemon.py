@@ -102,7 +102,8 @@ class Daemon:
         self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
                                    wants=self.control.wants, echo=runtime_mode)
         self.monitor = ResourceMonitor(lambda: self.registry, interval_s=monitor_interval_s,
-                                       publish=self.control.publish, app_event=self.publish_event)
+                                       publish=self.control.publish, app_event=self.publish_event,
+                                       wants=self.control.wants)
         self.notify = NotifySocket(self.loop, home / NOTIFY_SOCKET, self._on_notify)
         self.notify_socket_path: str | None = self.notify.path
         self.cgroups = None if os.environ.get("PMX_CGROUPS") == "0" else Cgroups.detect(home)

@@ -244,10 +244,12 @@ class ResourceMonitor:
     """Samples every instance each interval, publishes the figures, enforces memory limits."""
 
     def __init__(self, apps: Callable[[], Iterable[AppGroup]], *, interval_s: float,
-                 publish: Publish, app_event: AppEvent) -> None:
+                 publish: Publish, app_event: AppEvent,
+                 wants: Callable[[str], bool] = lambda topic: True) -> None:
         self._apps = apps
         self.interval_s = interval_s
         self._publish = publish
+        self._wants = wants  # does anyone follow the stats? (else they are not built)
         self._app_event = app_event
         self.stats: dict[int, InstanceStats] = {}  # by pid
         self._over_limit: dict[int, int] = {}  # pid -> samples in a row over the limit
@@ -295,9 +297,10 @@ class ResourceMonitor:
             if self.memory_of is not None:  # the cgroup's own figure (cgroups.py)
                 samples = [self._with_cgroup_memory(sample) for sample in samples]
             self.stats = {sample.pid: sample for sample in samples}
-            self._publish(STATS_TOPIC, {"time": time.time(), "instances": [
-                {"id": s.id, "pid": s.pid, "cpu": s.cpu, "memory": s.memory,
-                 "processes": s.processes} for s in samples]})
+            if self._wants(STATS_TOPIC):
+                self._publish(STATS_TOPIC, {"time": time.time(), "instances": [
+                    {"id": s.id, "pid": s.pid, "cpu": s.cpu, "memory": s.memory,
+                     "processes": s.processes} for s in samples]})
             self._enforce_memory_limits()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.01, self.interval_s - elapsed))
