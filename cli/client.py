@@ -12,6 +12,10 @@ home/clients/, see supervisor/home.py): pmxd keeps file descriptors free for tha
 connections, because libzmq aborts it when accept() runs out of them. A client finding
 every slot taken waits, then says pmxd is busy. Subscriptions (`logs`, `monit`, `web`),
 which last, may take only SUBSCRIBER_SHARE of the slots, so requests always get through.
+
+`SubscriberThread` is what `pmx monit`'s feed (monit_feed.py) and `pmx web`'s (web/feed.py)
+share: a SUB socket and a Client in a thread of their own, reconnecting every RECONNECT_S
+while pmxd is away, saying so once, and reading the stream one period at a time.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
-from pmx.supervisor.errors import CommandError, DaemonUnreachable, ProtocolError
+from pmx.supervisor.errors import CommandError, DaemonUnreachable, PmxError, ProtocolError
 from pmx.supervisor.home import (
     CLIENT_SLOT_COUNT,
     CLIENTS_DIR,
@@ -55,6 +61,7 @@ LIVENESS_CHECK_S = 0.25  # while waiting for a reply: how often to check pmxd st
 SUBSCRIBER_SHARE = 0.75  # of the client slots, what long-lived subscriptions may hold
 SLOT_RETRY_S = 0.1
 SLOT_WAIT_S = 10.0  # at most, for a free slot (a request waits no longer than its timeout)
+RECONNECT_S = 1.0  # how often a SubscriberThread tries again while pmxd is away
 
 
 def home_path() -> Path:
@@ -326,3 +333,108 @@ class Client:
                 yield decode_publication(frames)
             except ProtocolError:
                 continue
+
+
+class SubscriberThread(ABC):
+    """A subscription to pmxd's publish stream and its own Client, in a daemon thread (ZeroMQ
+    sockets belong to one thread, and every call is blocking).
+
+    The thread connects (`_connect`: subscribe, then ask pmxd what to start from), then
+    calls `_pump` until it returns False (pmxd is gone), closes the socket and connects
+    again every RECONNECT_S, until `stop`. pmxd being away is said once (`_down`, which
+    calls `_say_down`) until `_connect` succeeds and clears `_is_down`. An unexpected
+    exception is a bug: said even when pmxd was already said to be away, it ends the thread.
+    """
+
+    def __init__(self, home: Path, *, program: str, thread_name: str,
+                 stop_timeout_s: float) -> None:
+        self._home = home
+        self._program = program  # "pmx monit": who says it stopped following pmxd
+        self._stop_timeout_s = stop_timeout_s
+        self._stop = threading.Event()
+        self._is_down = False
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._stop_timeout_s)
+
+    @abstractmethod
+    def _connect(self, client: Client) -> zmq.Socket[bytes] | None:
+        """Subscribe (`_subscribe`) and seed; None, with `_down` called, when pmxd does
+        not answer."""
+
+    @abstractmethod
+    def _pump(self, client: Client, sock: zmq.Socket[bytes]) -> bool:
+        """Read one period (`_read_period`) and hand it on; False when pmxd is gone."""
+
+    @abstractmethod
+    def _say_down(self, why: str, crash: str | None) -> None:
+        """Tell the user why pmxd is not followed; `crash` is a traceback when the thread
+        hit a bug and stopped."""
+
+    def _run(self) -> None:
+        client = Client(self._home)
+        sock: zmq.Socket[bytes] | None = None
+        try:
+            while not self._stop.is_set():
+                if sock is None:
+                    sock = self._connect(client)
+                    if sock is None:
+                        self._stop.wait(RECONNECT_S)
+                    continue
+                if not self._pump(client, sock):
+                    sock.close(linger=0)
+                    sock = None
+                    self._down(self._unreachable())  # unless _pump already said why
+        except Exception as exc:
+            import traceback  # only for a bug: not every command pays for it
+
+            self._is_down = False
+            self._down(f"{self._program} stopped following pmxd: bug: "
+                       f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        finally:
+            if sock is not None:
+                sock.close(linger=0)
+            client.close()
+
+    def _down(self, why: str, crash: str | None = None) -> None:
+        if not self._is_down:
+            self._is_down = True
+            self._say_down(why, crash)
+
+    def _unreachable(self) -> str:
+        return f"pmxd is not running (home {home_relative(self._home)})"
+
+    def _subscribe(self, client: Client, topics: list[str]) -> zmq.Socket[bytes]:
+        """`client.subscribe`, then a pause: ZeroMQ's slow joiner. The subscription must
+        reach the PUB before pmxd is asked anything, so that nothing published after the
+        reply is missed."""
+        sock = client.subscribe(topics)
+        self._stop.wait(0.05)
+        return sock
+
+    def _read_period(self, sock: zmq.Socket[bytes], period_s: float,
+                     take: Callable[[str, JsonObject], None]) -> None:
+        """Hand each publication arriving within period_s (or until `stop`) to `take` as
+        (topic, body); one that does not decode is skipped."""
+        deadline = time.monotonic() + period_s
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if not sock.poll(max(1, int(remaining * 1000))):
+                continue
+            for _ in range(10000):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    topic, body = decode_publication(frames)
+                except PmxError:
+                    continue
+                take(topic, body)

@@ -1,6 +1,7 @@
 """The threads of `pmx monit` that talk to pmxd, and the messages they post to MonitApp.
 
-`Feed` owns the SUB socket, in a thread of its own (ZeroMQ sockets belong to one thread):
+`Feed` owns the SUB socket, in a thread of its own (ZeroMQ sockets belong to one thread;
+the thread, its reconnect loop and its reading are `SubscriberThread`'s, in client.py):
 it seeds the board with one `list` (again after a reconnect), then hands the app one
 `Batch` of publications at a time with `post_message`, the next only once the app has
 consumed the last one, so a flood of log lines is coalesced instead of queued without
@@ -22,7 +23,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,20 +35,17 @@ from pmx.supervisor.protocol import (
     Command,
     DroppedLines,
     JsonObject,
-    decode_publication,
 )
 from textual.app import App
 from textual.message import Message
 from textual.timer import Timer
 
-from .client import Client
+from .client import Client, SubscriberThread
 from .monit_board import Batch, Board, json_objects
-from .render import home_relative
 
 BATCH_S = 0.2  # at most five screen updates a second from the stream
 STATS_SILENCE_S = 3.0
 PING_TIMEOUT_S = 1.5
-RECONNECT_S = 1.0
 REFRESH_DELAY_S = 0.5
 
 
@@ -99,72 +96,33 @@ def _post(app: App[int], message: Message) -> bool:
 # ---------------------------------------------------------------- threads
 
 
-class Feed:
+class Feed(SubscriberThread):
     """The SUB socket, in a thread of its own: seeds, batches, notices pmxd going away."""
 
     def __init__(self, home: Path, app: App[int]) -> None:
-        self._home = home
+        super().__init__(home, program="pmx monit", thread_name="pmx-monit-feed",
+                         stop_timeout_s=2)
         self._app = app
-        self._stop = threading.Event()
         self.consumed = threading.Event()
         self.consumed.set()
         self._batch = Batch()
         self._dropped = DroppedLines()  # lines pmxd dropped while we were too slow
         self._last_stats = time.monotonic()
-        self._is_down = False
-        self._thread = threading.Thread(target=self._run, name="pmx-monit-feed", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-
-    def _run(self) -> None:
-        client = Client(self._home)
-        sock: zmq.Socket[bytes] | None = None
-        try:
-            while not self._stop.is_set():
-                if sock is None:
-                    sock = self._connect(client)
-                    if sock is None:
-                        self._stop.wait(RECONNECT_S)
-                    continue
-                if not self._pump(client, sock):
-                    sock.close(linger=0)
-                    sock = None
-                    self._down(f"pmxd is not running (home {home_relative(self._home)})")
-        except Exception as exc:
-            # A bug. Say so on screen; the traceback is printed once the terminal is back.
-            self._is_down = False
-            self._down(f"pmx monit stopped following pmxd: bug: {type(exc).__name__}: {exc}",
-                       traceback.format_exc())
-        finally:
-            if sock is not None:
-                sock.close(linger=0)
-            client.close()
-
-    def _down(self, why: str, crash: str | None = None) -> None:
-        if not self._is_down:
-            self._is_down = True
-            _post(self._app, Disconnected(why, crash))
+    def _say_down(self, why: str, crash: str | None) -> None:
+        # A crash is shown on screen; its traceback is printed once the terminal is back.
+        _post(self._app, Disconnected(why, crash))
 
     def _connect(self, client: Client) -> zmq.Socket[bytes] | None:
         sock = None
         try:
-            sock = client.subscribe([EVENT_PREFIX, STATS_TOPIC, LOG_PREFIX])
-            # ZeroMQ's slow joiner: give the subscription a moment to reach the PUB, so
-            # that nothing published after the list reply is missed.
-            self._stop.wait(0.05)
+            sock = self._subscribe(client, [EVENT_PREFIX, STATS_TOPIC, LOG_PREFIX])
             asked_at = time.time()
             rows = json_objects(client.call(Command.LIST).get("instances"))
         except PmxError as exc:
             if sock is not None:
                 sock.close(linger=0)
-            shown = home_relative(self._home)
-            self._down(str(exc) if isinstance(exc, CommandError)
-                       else f"pmxd is not running (home {shown})")
+            self._down(str(exc) if isinstance(exc, CommandError) else self._unreachable())
             return None
         self._is_down = False
         self._batch = Batch()
@@ -175,27 +133,7 @@ class Feed:
 
     def _pump(self, client: Client, sock: zmq.Socket[bytes]) -> bool:
         """Read for one batch period; False when pmxd is gone."""
-        deadline = time.monotonic() + BATCH_S
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if not sock.poll(max(1, int(remaining * 1000))):
-                continue
-            for _ in range(10000):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    topic, body = decode_publication(frames)
-                except PmxError:
-                    continue
-                if topic == STATS_TOPIC:
-                    self._last_stats = time.monotonic()
-                elif topic.startswith(LOG_PREFIX):
-                    self._batch.dropped_logs += self._dropped.missed(body)
-                self._batch.add(topic, body)
+        self._read_period(sock, BATCH_S, self._take)
         if self._batch and self.consumed.is_set():
             self.consumed.clear()
             batch, self._batch = self._batch, Batch()
@@ -209,6 +147,13 @@ class Feed:
                 return False
             self._last_stats = time.monotonic()
         return True
+
+    def _take(self, topic: str, body: JsonObject) -> None:
+        if topic == STATS_TOPIC:
+            self._last_stats = time.monotonic()
+        elif topic.startswith(LOG_PREFIX):
+            self._batch.dropped_logs += self._dropped.missed(body)
+        self._batch.add(topic, body)
 
 
 class Calls:

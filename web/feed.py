@@ -1,9 +1,10 @@
 """The one subscription of a `pmx web` process to pmxd's publish stream.
 
 `Feed` owns the SUB socket and its own `Client`, in a thread (ZeroMQ sockets belong to
-one thread, and every call is blocking). It reads the stream for BATCH_S at a time and
-hands each period's publications to `deliver` as one `Batch`, so however many browsers
-watch, pmxd serves one subscriber and a few requests:
+one thread, and every call is blocking); the thread, its reconnect loop and its reading
+are `SubscriberThread`'s (cli/client.py), which monit's feed shares. It reads the stream
+for BATCH_S at a time and hands each period's publications to `deliver` as one `Batch`,
+so however many browsers watch, pmxd serves one subscriber and a few requests:
 
 * after (re)connecting, after a batch that held events (a state change, a reload
   step, a deletion), and when poked (an action ended), one `describe all` (the apps,
@@ -24,16 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
-from pmx.cli.client import Client
+from pmx.cli.client import Client, SubscriberThread
 from pmx.cli.log_commands import _log_files, _tail
 from pmx.cli.monit_board import json_objects
-from pmx.cli.render import home_relative
 from pmx.supervisor.errors import CommandError, PmxError
 from pmx.supervisor.protocol import (
     EVENT_PREFIX,
@@ -42,7 +41,6 @@ from pmx.supervisor.protocol import (
     Command,
     DroppedLines,
     JsonObject,
-    decode_publication,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,6 @@ log = logging.getLogger(__name__)
 BATCH_S = 0.2
 STATS_SILENCE_S = 3.0
 PING_TIMEOUT_S = 1.5
-RECONNECT_S = 1.0
 FULL_REFRESH_S = 10.0
 BUSY_REFRESH_S = 1.0  # while an app is busy: its end publishes no event of its own
 MAX_LINES_PER_BATCH = 300  # per app; a flood beyond that cannot be read in a browser anyway
@@ -74,74 +71,36 @@ class Batch:
                     or self.down is not None or self.seed_logs or self.skipped_lines)
 
 
-class Feed:
+class Feed(SubscriberThread):
     """The SUB socket in a thread of its own; see the module docstring."""
 
     def __init__(self, home: Path, deliver: Callable[[Batch], None]) -> None:
-        self._home = home
+        super().__init__(home, program="pmx web", thread_name="pmx-web-feed", stop_timeout_s=3)
         self._deliver = deliver
-        self._stop = threading.Event()
         self._poked = threading.Event()
-        self._is_down = False
         self._daemon_key: tuple[object, object] | None = None
         self._seeded: set[str] = set()
         self._last_stats = time.monotonic()
         self._last_refresh = 0.0
         self._is_busy = False  # some app had an operation running at the last describe
         self._dropped = DroppedLines()  # lines pmxd dropped while we were too slow
-        self._thread = threading.Thread(target=self._run, name="pmx-web-feed", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def poke(self) -> None:
         """Describe again at the end of this period: an action just ended, and its app's
         `busy` is over without an event saying so. Any thread."""
         self._poked.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=3)
-
-    def _run(self) -> None:
-        client = Client(self._home)
-        sock: zmq.Socket[bytes] | None = None
-        try:
-            while not self._stop.is_set():
-                if sock is None:
-                    sock = self._connect(client)
-                    if sock is None:
-                        self._stop.wait(RECONNECT_S)
-                    continue
-                if not self._pump(client, sock):
-                    sock.close(linger=0)
-                    sock = None
-        except Exception as exc:  # a bug: say so on the page, and in the log
-            log.error("the feed stopped: %s", traceback.format_exc())
-            self._is_down = False
-            self._down(f"pmx web stopped following pmxd: bug: {type(exc).__name__}: {exc}")
-        finally:
-            if sock is not None:
-                sock.close(linger=0)
-            client.close()
-
-    def _down(self, why: str) -> None:
-        if not self._is_down:
-            self._is_down = True
-            self._deliver(Batch(down=why))
-
-    def _unreachable(self) -> str:
-        return f"pmxd is not running (home {home_relative(self._home)})"
+    def _say_down(self, why: str, crash: str | None) -> None:
+        if crash is not None:  # a bug: say so on the page, and in the log
+            log.error("the feed stopped: %s", crash)
+        self._deliver(Batch(down=why))
 
     def _connect(self, client: Client) -> zmq.Socket[bytes] | None:
         try:
-            sock = client.subscribe([EVENT_PREFIX, STATS_TOPIC, LOG_PREFIX])
+            sock = self._subscribe(client, [EVENT_PREFIX, STATS_TOPIC, LOG_PREFIX])
         except PmxError:
             self._down(self._unreachable())
             return None
-        # ZeroMQ's slow joiner: let the subscription reach the PUB before asking, so that
-        # nothing published after the reply is missed.
-        self._stop.wait(0.05)
         batch = Batch()
         if not self._refresh(client, batch):
             sock.close(linger=0)
@@ -192,33 +151,22 @@ class Feed:
         lines: dict[str, int] = {}
         dropped: dict[str, int] = {}
         wants_refresh = False
-        deadline = time.monotonic() + BATCH_S
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if not sock.poll(max(1, int(remaining * 1000))):
-                continue
-            for _ in range(10000):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    topic, body = decode_publication(frames)
-                except PmxError:
-                    continue
-                if topic == STATS_TOPIC:
-                    self._last_stats = time.monotonic()
-                elif topic.startswith(EVENT_PREFIX):
-                    wants_refresh = True
-                elif topic.startswith(LOG_PREFIX):
-                    app = str(body.get("app"))
-                    count = len(body.get("lines") or [])  # type: ignore[arg-type]
-                    lines[app] = lines.get(app, 0) + count
-                    if missed := self._dropped.missed(body):
-                        dropped[app] = dropped.get(app, 0) + missed
-                batch.publications.append((topic, body))
+
+        def take(topic: str, body: JsonObject) -> None:
+            nonlocal wants_refresh
+            if topic == STATS_TOPIC:
+                self._last_stats = time.monotonic()
+            elif topic.startswith(EVENT_PREFIX):
+                wants_refresh = True
+            elif topic.startswith(LOG_PREFIX):
+                app = str(body.get("app"))
+                count = len(body.get("lines") or [])  # type: ignore[arg-type]
+                lines[app] = lines.get(app, 0) + count
+                if missed := self._dropped.missed(body):
+                    dropped[app] = dropped.get(app, 0) + missed
+            batch.publications.append((topic, body))
+
+        self._read_period(sock, BATCH_S, take)
         _cap_log_lines(batch, lines)
         for app, missed in dropped.items():  # shown as lines not shown, like the capped ones
             batch.skipped_lines[app] = batch.skipped_lines.get(app, 0) + missed
