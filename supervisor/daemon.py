@@ -460,3 +460,7 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
 def runtime_main() -> int:
     """`pmx-runtime FILE...`: pmxd in the foreground as a container's PID 1."""
     return main(["--foreground", "--runtime", *sys.argv[1:]], prog=RUNTIME_PROG)
+
+
+if __name__ == "__main__":  # what `pmx update` of an older pmxd executes
+    sys.exit(main())

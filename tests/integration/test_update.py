@@ -183,3 +183,10 @@ def test_a_foreground_pmxd_keeps_logging_to_stderr_after_the_update(pmx: Pmx) ->
             service.kill()
             service.wait()
         stderr.close()
+
+
+def test_the_command_an_older_pmxd_execs_on_update_still_runs_pmxd() -> None:
+    """pmx before the handover exec'd `python -m pmx.supervisor.daemon`: it must stay pmxd."""
+    result = subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--version"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("pmxd "), result
