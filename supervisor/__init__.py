@@ -9,7 +9,7 @@ The modules, one responsibility each (imports flow downwards in this list):
     registry.py   the apps by name, instance ids, target resolution, the rows of `list`
     recovery.py   the spawn journal and state.json snapshots, crash recovery
     handover.py   `pmx update`: the running apps carried across pmxd's exec, adopted again
-    control.py    the ZeroMQ server: ROUTER for requests, PUB for events, stats and logs
+    control.py    the ZeroMQ server: ROUTER for requests, (X)PUB for events, stats and logs
     quick.py      list and ping on a plain Unix socket, for a CLI that skips pyzmq's import
     monitor.py    CPU and memory sampling from /proc (off the loop), memory-limit restarts
     watch.py      reload on file changes: one watchfiles thread, debounce (watch_delay)

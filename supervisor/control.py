@@ -1,5 +1,9 @@
 """The ZeroMQ control server: a ROUTER for requests and a PUB for events, stats and logs.
 
+The PUB is an XPUB: it also tells pmxd every subscription and unsubscription (a
+subscriber's end included), so `wants(topic)` knows whether anyone would receive a topic,
+and what nobody follows (log lines, stats) is never built or encoded.
+
 Every request gets exactly one reply carrying its id. Requests are handled each in a
 task of its own, so a slow `stop` never freezes `list`. Commands are dispatched through
 an explicit table given by the daemon, never by looking a name from the wire up as an
