@@ -78,7 +78,7 @@ def update() -> None:
 def _running_pids(client: Client) -> set[int]:
     rows = client.call(Command.LIST).get("instances")
     pids = (row.get("pid") for row in (rows if isinstance(rows, list) else [])
-            if isinstance(row, dict) and row.get("status") == "online")
+            if isinstance(row, dict))  # a row has a pid while its process runs
     return {pid for pid in pids if isinstance(pid, int)}
 
 

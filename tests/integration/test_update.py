@@ -190,3 +190,34 @@ def test_the_command_an_older_pmxd_execs_on_update_still_runs_pmxd() -> None:
     result = subprocess.run([sys.executable, "-m", "pmx.supervisor.daemon", "--version"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("pmxd "), result
+
+
+READY_ON_TRIGGER = """\
+import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+address = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    sock.sendto(b"READY=1", "\\0" + address[1:] if address.startswith("@") else address)
+time.sleep(600)
+"""
+
+
+def test_an_instance_still_starting_is_adopted_and_goes_online_when_ready(pmx: Pmx) -> None:
+    trigger = pmx.home / "ready-now"
+    script = pmx.write("late.py", READY_ON_TRIGGER)
+    eco = pmx.write("late.toml", f"""
+[[apps]]
+name = "late"
+script = "{script}"
+args = ["{trigger}"]
+wait_ready = true
+listen_timeout = "60s"
+""")
+    pmx.run("start", str(eco))
+    pid = pmx.wait_status("late", "starting", count=1)[0]["pid"]
+    assert "1 of 1 app processes kept running" in pmx.run("update").stdout
+    assert [(r["status"], r["pid"]) for r in pmx.instances("late")] == [("starting", pid)]
+    trigger.write_text("")
+    rows = pmx.wait_status("late", "online", count=1)
+    assert rows[0]["pid"] == pid and rows[0]["restarts"] == 0
