@@ -8,7 +8,8 @@ fd the new image needs:
   pmxd's end of its Node IPC channel, with the message begun there;
 - per cluster app: every listening socket, shared ones and each reuse_port slot's;
 - what the image knew of each slot: id, state and why, counters, the stderr tail, the
-  addresses the app reported listening on, its cgroup (and the image's cgroup tag).
+  addresses the app reported listening on, its cgroup (and the image's cgroup tag), and
+  for a slot waiting to restart, how long it still had to wait.
 The processes stay children of the same pid, so they never notice.
 
 The new image (`Handover.adopt`) runs before its SIGCHLD handler is installed, since
@@ -16,9 +17,9 @@ that handler would reap an adopted child as a stray. It reads the handover only 
 the file names this very pid, builds the apps and their slots as they were (a stopped
 slot stays stopped), watches each adopted pidfd (a process that ended during the exec
 is a zombie by now: its exit is handled at once, like any exit), reads its pipes from
-where the old image stopped, and closes every handed fd it does not use. A slot whose
-process was stopping or waiting to restart is started again (`start_pending`), after
-recovery has stopped what that process left.
+where the old image stopped, and closes every handed fd it does not use. A slot waiting
+to restart goes on waiting for what was left of its delay; one whose process was stopping
+is started again (`start_pending`), after recovery has stopped what that process left.
 
 A handover written by an older pmx, which only passed the shared listening sockets
 (top-level "sockets"), is still taken: its apps restart once, as they did then.
@@ -100,7 +101,9 @@ def _hand_over_instance(instance: Instance, output: OutputRouter) -> dict[str, o
             "channel": channel, "listening": instance.listening,
             "status_text": instance.status_text,
             "cgroup": str(instance.cgroup) if instance.cgroup is not None else None}
-    return entry  # a slot stopping or waiting without a process is started again
+    elif instance.state is State.WAITING:
+        entry["restart_in_s"] = instance.restart_in()
+    return entry  # a slot stopping (or waiting, without a time) is started again
 
 
 def _hand_over_sockets(sockets: AppSockets | None) -> dict[str, object] | None:
@@ -201,8 +204,10 @@ class Handover:
                 log.error("%s: cannot take over its process: %r; starting it again",
                           instance.name, exc)
                 process = None
-        if state not in KEPT_STATES and not isinstance(process, dict):
-            state = State.STOPPED  # stopping, waiting to restart, or not taken over
+        restart_in = entry.get("restart_in_s")
+        waiting = state is State.WAITING and isinstance(restart_in, int | float)
+        if state not in KEPT_STATES and not isinstance(process, dict) and not waiting:
+            state = State.STOPPED  # stopping, or not taken over: started again
             self._pending.append(instance)
         last_exit = entry.get("last_exit")
         instance.restore(state, str(entry.get("reason", "")), float(entry.get("since") or 0),  # type: ignore[arg-type]
@@ -210,6 +215,8 @@ class Handover:
                          unstable_restarts=_int(entry.get("unstable_restarts", 0)),
                          last_exit=last_exit if isinstance(last_exit, str) else None,
                          stderr_tail=[str(line) for line in _anylist(entry.get("stderr_tail"))])
+        if waiting:  # its back-off goes on where it was
+            instance.restart_later(float(restart_in))  # type: ignore[arg-type]
         return instance
 
     def _adopt_process(self, app: AppGroup, instance: Instance, process: Mapping[str, object],

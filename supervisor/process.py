@@ -235,6 +235,16 @@ class Instance:
         self.restarts, self.unstable_restarts, self.last_exit = restarts, unstable_restarts, last_exit
         self.stderr_tail.extend(stderr_tail)
 
+    def restart_in(self) -> float | None:
+        """Seconds until a waiting instance restarts (for `pmx update`); None if it is not."""
+        timer = self._restart_timer
+        return None if timer is None else max(0.0, timer.when() - self._runtime.loop.time())
+
+    def restart_later(self, delay_s: float) -> None:
+        """After `pmx update`: a slot restored as waiting restarts when it would have."""
+        self._cancel_restart_timer()
+        self._restart_timer = self._runtime.loop.call_later(delay_s, self._restart_after_wait)
+
     def adopt(self, pid: int, pidfd: int, start_time: int, run_id: str, started_at: float,
               channel: tuple[socket.socket, bytes] | None) -> None:
         """After `pmx update`: the running process the previous image handed over (the

@@ -221,3 +221,21 @@ listen_timeout = "60s"
     trigger.write_text("")
     rows = pmx.wait_status("late", "online", count=1)
     assert rows[0]["pid"] == pid and rows[0]["restarts"] == 0
+
+
+def test_an_instance_waiting_to_restart_goes_on_waiting(pmx: Pmx) -> None:
+    eco = pmx.write("crash.toml", f"""
+[[apps]]
+name = "crash"
+script = "{app_path('crash.py')}"
+restart_delay = "3s"
+""")
+    pmx.run("start", str(eco), check=False)
+    before = pmx.wait_status("crash", "waiting", count=1)[0]
+    pmx.run("update")
+    row = pmx.instances("crash")[0]
+    # Not started again by the update: the same wait, since the same moment.
+    assert (row["status"], row["restarts"], row["since"]) == ("waiting", 0, before["since"]), row
+    assert "restarting in 3s" in row["reason"]
+    wait_until(lambda: ((r := pmx.instances("crash")[0])["restarts"] >= 1, r), timeout=20,
+               what="restarted once its delay is over")
