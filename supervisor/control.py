@@ -35,7 +35,6 @@ import zmq.asyncio
 from .errors import CommandError, PmxError, ProtocolError
 from .home import QUICK_SOCKET, prepare_client_slots
 from .protocol import (
-    LOG_PREFIX,
     MAX_MESSAGE_BYTES,
     PUBLISH_HWM,
     Command,
@@ -44,7 +43,7 @@ from .protocol import (
     Reply,
     Request,
     decode_request,
-    encode_log_publications,
+    encode_log_block,
     encode_publication,
     encode_reply,
     error_reply,
@@ -130,15 +129,18 @@ class ControlServer:
         """Send at once, never queue here: PUB drops what a subscriber at its high-water
         mark cannot take (log lines carry "seq", so the subscriber can say so). What no
         subscriber would receive is not even encoded."""
-        if not self.wants(topic):
-            return
-        lines = body.get("lines")
-        if topic.startswith(LOG_PREFIX) and isinstance(lines, list):
-            head = {key: value for key, value in body.items() if key != "lines"}
-            messages, self._line_seq[topic] = encode_log_publications(
-                topic, head, lines, self._line_seq.get(topic, 0))
-        else:
-            messages = [encode_publication(topic, body)]
+        if self.wants(topic):
+            self._send_all(topic, [encode_publication(topic, body)])
+
+    def publish_lines(self, topic: str, head: Mapping[str, object], block: bytes) -> None:
+        """An app's log lines as they are in its file, each numbered ("seq") so that a
+        subscriber can tell how many it missed; sent as raw bytes (encode_log_block)."""
+        if self.wants(topic):
+            messages, self._line_seq[topic] = encode_log_block(
+                topic, head, block, self._line_seq.get(topic, 0))
+            self._send_all(topic, messages)
+
+    def _send_all(self, topic: str, messages: list[list[bytes]]) -> None:
         for frames in messages:
             try:
                 self._pub.send_multipart(frames, flags=zmq.NOBLOCK)

@@ -99,8 +99,8 @@ class Daemon:
         self.handover = Handover(self.recovery.document)
         commands = Commands(self)
         self.control = ControlServer(home, commands.handlers())
-        self.output = OutputRouter(self.loop, self.log_files, publish=self.control.publish,
-                                   wants=self.control.wants, echo=runtime_mode)
+        self.output = OutputRouter(self.loop, self.log_files,
+                                   publish_lines=self.control.publish_lines, echo=runtime_mode)
         self.monitor = ResourceMonitor(lambda: self.registry, interval_s=monitor_interval_s,
                                        publish=self.control.publish, app_event=self.publish_event,
                                        wants=self.control.wants)

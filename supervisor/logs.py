@@ -61,7 +61,7 @@ RETRY_MAX_S = 8.0
 UNSAFE_HINT = ("; pmxd writes a log only where no other user can plant a link: choose a "
                "folder only pmxd's user can write, or run the app as that folder's user")
 
-LineSink = Callable[[str, list[bytes]], None]  # (stream, lines) -> None
+LineSink = Callable[[str, list[bytes], bytes], None]  # (stream, lines, as in the file)
 
 
 class LogFile:
@@ -269,8 +269,9 @@ class PipeReader:
             # Stamped once per chunk, here: the file and the live stream get the same text.
             prefix = self._stamp() + b": "
             lines, text = [prefix + line for line in lines], None
-        self.file.write(text if text is not None else b"\n".join(lines) + b"\n")
-        self._sink(self.stream, lines)
+        block = text if text is not None else b"\n".join(lines) + b"\n"
+        self.file.write(block)
+        self._sink(self.stream, lines, block)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -322,12 +323,11 @@ class OutputRouter:
     """Reads every instance's stdout and stderr into files, the live stream and the tail."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, log_files: LogFiles, *,
-                 publish: Callable[[str, Mapping[str, object]], None], echo: bool,
-                 wants: Callable[[str], bool] = lambda topic: True) -> None:
+                 publish_lines: Callable[[str, Mapping[str, object], bytes], None],
+                 echo: bool) -> None:
         self._loop = loop
         self._log_files = log_files
-        self._publish = publish
-        self._wants = wants  # is anyone following this topic? (else its lines are not encoded)
+        self._publish_lines = publish_lines  # ControlServer.publish_lines: the live stream
         self._echo = echo  # container mode: also to our stdout
         self._readers: dict[str, list[PipeReader]] = {}  # by the spawn's run_id
 
@@ -338,18 +338,14 @@ class OutputRouter:
         topic = log_topic(instance.app)
         echo_prefix = f"{instance.app}:{instance.index} | ".encode()
 
-        def sink(stream: str, lines: list[bytes]) -> None:
+        def sink(stream: str, lines: list[bytes], block: bytes) -> None:
             if self._echo:
                 _echo(echo_prefix, lines)
             if stream == "error":
                 instance.stderr_tail.extend(line.decode("utf-8", "replace") for line in lines[-20:])
-            if not self._wants(topic):
-                return  # nobody follows: a burst costs pmxd its file write, little more
-            # Decoded in one piece: a newline byte never sits inside a UTF-8 sequence, so
-            # this is the lines' own decoding, without a Python call per line.
-            texts = b"\n".join(lines).decode("utf-8", "replace").split("\n")
-            self._publish(topic, {"app": instance.app, "id": instance.id,
-                                  "instance": instance.index, "stream": stream, "lines": texts})
+            # As read: pmxd neither decodes nor escapes a line for the stream (subscribers do).
+            self._publish_lines(topic, {"app": instance.app, "id": instance.id,
+                                        "instance": instance.index, "stream": stream}, block)
 
         run_id = instance.run_id
         readers = self._readers.setdefault(run_id, [])

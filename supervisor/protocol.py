@@ -33,13 +33,10 @@ ProtocolError with its own code for each kind of damage.
 
 from __future__ import annotations
 
-import bisect
 import enum
-import itertools
 import json
-import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from .errors import ProtocolError
 
@@ -235,9 +232,17 @@ def encode_publication(topic: str, body: Mapping[str, object]) -> list[bytes]:
 
 
 def decode_publication(frames: list[bytes]) -> tuple[str, JsonObject]:
-    if len(frames) != 2:
-        raise ProtocolError(ErrorCode.BAD_FIELD, "publication must have two frames")
-    return frames[0].decode("utf-8", "replace"), _loads(frames[1])
+    """(topic, body). A log publication's lines come as a third frame of raw bytes (see
+    encode_log_block): they are decoded here, into the body's "lines", one string each."""
+    if len(frames) not in (2, 3):
+        raise ProtocolError(ErrorCode.BAD_FIELD, "publication must have two or three frames")
+    body = _loads(frames[1])
+    if len(frames) == 3:
+        lines = frames[2].decode("utf-8", "replace").split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        body["lines"] = list[Json](lines)
+    return frames[0].decode("utf-8", "replace"), body
 
 
 # What pmxd may queue for one subscriber that stops reading (a `pmx logs` suspended with
@@ -246,48 +251,32 @@ def decode_publication(frames: list[bytes]) -> tuple[str, JsonObject]:
 MAX_PUBLICATION_BYTES = 256 * 1024
 PUBLISH_BUDGET_BYTES = 32 * 1024 * 1024
 PUBLISH_HWM = PUBLISH_BUDGET_BYTES // MAX_PUBLICATION_BYTES
-_LINE_PIECE_CHARS = MAX_PUBLICATION_BYTES // 16  # JSON escapes a character in 12 bytes at most
-_BATCH_ESTIMATE = MAX_PUBLICATION_BYTES // 2
 
 
-def encode_log_publications(topic: str, head: Mapping[str, object], lines: Sequence[str],
-                            seq: int) -> tuple[list[list[bytes]], int]:
-    """One batch of an app's log lines as publications of at most MAX_PUBLICATION_BYTES,
-    `seq` numbering the first line, and the seq of the line after them. A line too long
-    for one publication even escaped (64 KiB of control characters) is cut into pieces,
-    each counted as a line."""
-    entries = list(lines) if max(map(len, lines), default=0) <= _LINE_PIECE_CHARS else [
-        piece for line in lines for piece in _pieces(line)]
+def encode_log_block(topic: str, head: Mapping[str, object], block: bytes,
+                     seq: int) -> tuple[list[list[bytes]], int]:
+    """An app's log lines, as they are in its log file (each ending in a newline), as
+    publications of at most MAX_PUBLICATION_BYTES of lines, cut between lines: the topic,
+    `head` with "seq" (the number of its first line) as JSON, and the lines as raw bytes,
+    never decoded nor escaped by pmxd (a subscriber does that, decode_publication); and
+    the seq of the line after them. A piece with no newline in MAX_PUBLICATION_BYTES (no
+    log line is that long: logs.py cuts them at 64 KiB) is cut there and counts as a line."""
     name = topic.encode()
     out: list[list[bytes]] = []
-
-    def emit(first: int, part: list[str]) -> None:
-        data = json.dumps({**head, "seq": seq + first, "lines": part},
-                          separators=(",", ":")).encode()
-        if len(data) <= MAX_PUBLICATION_BYTES or len(part) == 1:
-            out.append([name, data])
-            return
-        half = len(part) // 2
-        emit(first, part[:half])
-        emit(first + half, part[half:])
-
-    # Batches of about _BATCH_ESTIMATE characters (each entry counts its quotes and comma),
-    # cut by bisecting the running total: no Python loop per line.
-    ends = list(map(operator.add, itertools.accumulate(map(len, entries)),
-                    range(3, 3 * len(entries) + 1, 3)))
     start = 0
-    while start < len(entries) or not out:
-        before = ends[start - 1] if start else 0
-        stop = max(start + 1, bisect.bisect_right(ends, before + _BATCH_ESTIMATE))
-        emit(start, entries[start:stop])
-        start = stop
-    return out, seq + len(entries)
-
-
-def _pieces(line: str) -> list[str]:
-    if len(line) <= _LINE_PIECE_CHARS or len(json.dumps(line)) <= _BATCH_ESTIMATE:
-        return [line]
-    return [line[at:at + _LINE_PIECE_CHARS] for at in range(0, len(line), _LINE_PIECE_CHARS)]
+    while start < len(block):
+        end = len(block)
+        if end - start > MAX_PUBLICATION_BYTES:
+            end = block.rfind(b"\n", start, start + MAX_PUBLICATION_BYTES) + 1
+            if end <= start:
+                end = start + MAX_PUBLICATION_BYTES
+        piece = block[start:end]
+        count = piece.count(b"\n") + (0 if piece.endswith(b"\n") else 1)
+        out.append([name, json.dumps({**head, "seq": seq}, separators=(",", ":")).encode(),
+                    piece])
+        seq += count
+        start = end
+    return out, seq
 
 
 class DroppedLines:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,8 @@ from pmx.supervisor.protocol import (
     MAX_PUBLICATION_BYTES,
     PUBLISH_HWM,
     DroppedLines,
-    encode_log_publications,
+    decode_publication,
+    encode_log_block,
 )
 
 from tests.conftest import CLI, Pmx, pid_alive, wait_until
@@ -225,17 +225,19 @@ def test_five_racing_starts_without_a_daemon_all_succeed_with_one_daemon(pmx: Pm
 
 
 def test_log_publications_stay_under_the_size_that_bounds_the_queue_and_number_lines() -> None:
-    lines = [f"line {n} " + "y" * (n % 3000) for n in range(2000)]
-    lines.append("\x01" * 60000)  # escaped six times over: cut into pieces
-    messages, next_seq = encode_log_publications("log.api:", {"app": "api"}, lines, 7)
-    bodies = [json.loads(frames[1]) for frames in messages]
-    assert all(len(frames[1]) <= MAX_PUBLICATION_BYTES for frames in messages)
+    lines = [f"line {n} ".encode() + b"y" * (n % 3000) for n in range(2000)]
+    lines.append(b"\x01\xff" * 30000)  # control bytes and invalid UTF-8: sent as they are
+    block = b"\n".join(lines) + b"\n"
+    messages, next_seq = encode_log_block("log.api:", {"app": "api"}, block, 7)
+    assert all(len(frames[2]) <= MAX_PUBLICATION_BYTES for frames in messages)
+    assert b"".join(frames[2] for frames in messages) == block  # cut between lines only
+    bodies = [decode_publication(frames)[1] for frames in messages]
     assert [body["seq"] for body in bodies] == list(
         itertools.accumulate([7] + [len(body["lines"]) for body in bodies[:-1]]))
-    assert next_seq == bodies[-1]["seq"] + len(bodies[-1]["lines"])
+    assert next_seq == bodies[-1]["seq"] + len(bodies[-1]["lines"]) == 7 + 2001
     received = [text for body in bodies for text in body["lines"]]
-    assert received[:2000] == lines[:2000]
-    assert "".join(received[2000:]) == lines[-1]
+    assert received[:2000] == [line.decode() for line in lines[:2000]]
+    assert received[2000] == "\x01\ufffd" * 30000
     queued_at_most = PUBLISH_HWM * MAX_PUBLICATION_BYTES  # per subscriber that stops reading
     assert queued_at_most <= 32 * MiB
 

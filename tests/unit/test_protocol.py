@@ -235,7 +235,13 @@ def test_publication_round_trip() -> None:
     assert decode_publication(frames) == ("log.api:", body)
 
 
-@pytest.mark.parametrize("frames", [[], [b"log.api:"], [b"a", b"{}", b"{}"]])
+def test_log_lines_travel_as_raw_bytes_and_arrive_as_strings() -> None:
+    frames = [b"log.api:", b'{"app":"api","seq":3}', b"one\ntwo \xff\n"]
+    assert decode_publication(frames) == (
+        "log.api:", {"app": "api", "seq": 3, "lines": ["one", "two \ufffd"]})
+
+
+@pytest.mark.parametrize("frames", [[], [b"log.api:"], [b"a", b"{}", b"x", b"y"]])
 def test_publication_with_wrong_frame_count_is_bad_field(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError) as caught:
         decode_publication(frames)
