@@ -4,7 +4,8 @@ Transport: two ZeroMQ sockets in the daemon's home.
 
 * `rpc.sock`, a ROUTER: a client's DEALER sends one frame, a JSON request; the daemon
   answers with exactly one frame, a JSON reply carrying the request's id.
-* `pub.sock`, a PUB: two frames, a topic and a JSON body. An app's topics end with
+* `pub.sock`, a PUB: two frames, a topic and a JSON body; a log publication has a third,
+  its lines as raw bytes (see below). An app's topics end with
   ":", a character app names cannot hold, because subscriptions match byte prefixes:
   "log.api:" must match neither "log.api-v2:" nor "log.api.v2:". "log." gets every app.
 
@@ -17,11 +18,14 @@ Examples (version 1)::
               "error": {"code": "not_found", "message": "no app or id \\"apj\\""}}
     event    event.api:   {"kind": "state", "app": "api", "id": 0, "instance": 0,
                            "pid": 4242, "state": "online", "reason": "started", "time": 1.7e9}
-    log      log.api:     {"app": "api", "id": 0, "instance": 0, "stream": "out",
-                           "seq": 41, "lines": ["listening on 8000"]}
+    log      log.api:     {"app": "api", "id": 0, "instance": 0, "stream": "out", "seq": 41}
+                          b"listening on 8000\n"   (decode_publication gives "lines": [...])
     stats    stats.       {"time": 1.7e9, "instances": [{"id": 0, "cpu": 1.5, "memory": 31457280}]}
 
-A log publication is at most MAX_PUBLICATION_BYTES (a batch of lines is split), so that
+A log publication's lines are the bytes of the app's log file, newline-ended: pmxd never
+decodes or escapes them (that cost more than the app's own writing); the subscriber
+decodes them, invalid UTF-8 replaced, into the body's "lines". It holds at most
+MAX_PUBLICATION_BYTES of lines (a batch is cut between lines), so that
 the PUB socket's high-water mark, counted in messages, bounds in bytes what pmxd queues for
 a subscriber that does not read (PUBLISH_BUDGET_BYTES): past it, that subscriber loses
 messages. "seq" numbers the lines of each app (the first line of this message), so that a
