@@ -75,3 +75,21 @@ def test_a_process_that_ended_is_left_out() -> None:
     gone = subprocess.Popen(["/bin/true"])
     gone.wait()
     assert Sampler().sample([(1, gone.pid)]) == []
+
+
+def test_a_sampler_sees_an_idle_instance_fork_and_grow(sleeper: subprocess.Popen[str]) -> None:
+    """The Sampler's own shortcut (an instance at rest keeps its last figures) must let go
+    as soon as the process runs."""
+    sampler = Sampler()
+    [first] = sampler.sample([(1, sleeper.pid)])
+    [again] = sampler.sample([(1, sleeper.pid)])
+    assert (again.memory, again.processes, again.cpu) == (first.memory, 1, 0.0)
+    os.kill(sleeper.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        [stats] = sampler.sample([(1, sleeper.pid)])
+        if stats.processes == 2 and stats.memory > first.memory + 60 * 1024 * 1024:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the child was not counted: {stats}")
