@@ -26,10 +26,13 @@ import errno
 import logging
 import os
 import signal
+import time
 import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+PREPARED_S = 0.005  # after a cgroup move, the next one is quick for at least this long
 
 PREFIX = "pmx-"
 
@@ -45,6 +48,7 @@ class Cgroups:
         self._home_tag = f"{PREFIX}{zlib.crc32(str(home).encode()):08x}-"
         self._tag = f"{self._home_tag}{os.urandom(3).hex()}-"
         self.memory = False  # memory.current is there in the instances' cgroups
+        self._last_move = 0.0  # monotonic time of pmxd's last cgroup move (see prepare)
 
     @classmethod
     def detect(cls, home: Path, *, setup: bool = True) -> Cgroups | None:
@@ -79,12 +83,27 @@ class Cgroups:
         memory = "memory.current" if self.memory else "the processes' resident pages"
         return f"cgroup v2 under {self.base} (cgroup.kill; memory from {memory})"
 
+    def prepare(self) -> None:
+        """Before a spawn. The kernel makes the first cgroup move after a quiet spell wait
+        for an RCU grace period (10-20 ms here), and a program that forks at once would
+        have its child outside the cgroup by the time `place` moved it. So pmxd takes that
+        wait before the spawn, by moving itself into the cgroup it is in (a move that
+        changes nothing), and the new process's move right after its spawn is quick."""
+        if time.monotonic() - self._last_move < PREPARED_S:
+            return
+        own = _own_cgroup_dir()
+        if own is not None:
+            with contextlib.suppress(OSError):
+                (own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        self._last_move = time.monotonic()
+
     def place(self, instance_id: int, pid: int) -> Path | None:
         """Move `pid` into a cgroup of its own; None (and the usual way) when that fails."""
         group = self.base / f"{self._tag}{instance_id}-{pid}"
         try:
             group.mkdir()
             (group / "cgroup.procs").write_text(f"{pid}\n")
+            self._last_move = time.monotonic()
         except OSError as exc:
             log.warning("cannot put pid %d in a cgroup of its own (%s); its process group "
                         "is used instead", pid, exc.strerror)

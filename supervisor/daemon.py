@@ -139,6 +139,10 @@ class Daemon:
             "exec_mode": instance.spec.exec_mode,
         })
 
+    def before_spawn(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.prepare()  # so that the process's move into its cgroup is quick
+
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
         """A process was just spawned: journal its pid first, give it its own cgroup
         (where pmxd can), then watch for its exit."""

@@ -81,6 +81,8 @@ class Runtime(Protocol):
 
     def publish_state(self, instance: Instance) -> None: ...
 
+    def before_spawn(self) -> None: ...
+
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None: ...
 
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None: ...
@@ -202,6 +204,7 @@ class Instance:
         channel = None
         if inheritance is not None and inheritance.node_channel:
             channel = NodeChannel(self._runtime.loop, self._on_channel_message)
+        self._runtime.before_spawn()
         try:
             spawned = spawn(spec, Identity(self.app, self.index, self.id), self._base_env(),
                             inheritance, self._runtime.notify_socket_path,

@@ -126,6 +126,9 @@ class FakeRuntime:
         self.published.append((instance.state, instance.reason))
         self.published_at.append(time.monotonic())
 
+    def before_spawn(self) -> None:
+        pass
+
     def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
         own = os.dup(pidfd)  # the instance closes its pidfd when it is told of the exit
         self._watches[pid] = Watch(own, instance)
