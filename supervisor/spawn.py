@@ -24,6 +24,7 @@ import itertools
 import os
 import pwd
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,9 @@ except OSError as exc:
 # $1: the app's directory; then the app's argv. The fds are already in place.
 _SH_SHIM = 'cd "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 _SH_SHIM_NO_PID = 'cd "$1" || exit 127; shift; exec "$@"'
+
+_RESTORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ")
+                          if hasattr(signal, name))
 
 # Inherited from pmxd's own environment, but meaningless (or harmful) for an app.
 _STALE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PMX_LISTEN_FD", "NOTIFY_SOCKET")
@@ -206,8 +210,10 @@ def _spawn_moving_fds(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
     actions += [(os.POSIX_SPAWN_DUP2, floor + slot, 3 + slot) for slot in range(len(moved))]
     actions += [(os.POSIX_SPAWN_CLOSE, floor + slot) for slot in range(len(moved))]
     script = _SH_SHIM if "LISTEN_FDS" in env else _SH_SHIM_NO_PID
+    # What Popen's restore_signals does: pmxd (Python) ignores SIGPIPE and SIGXFSZ, and an
+    # ignored signal stays ignored across exec; the app gets them at their defaults.
     return os.posix_spawn("/bin/sh", ["sh", "-c", script, "pmx-shim", cwd, *argv], env,
-                          file_actions=actions, setsid=True)
+                          file_actions=actions, setsid=True, setsigdef=_RESTORED_SIGNALS)
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:

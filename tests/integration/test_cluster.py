@@ -177,3 +177,27 @@ def test_reuse_port_gives_each_slot_its_own_socket(pmx: Pmx) -> None:
     client.join(60)
     assert client.result.failed == 0, client.result.errors
     assert len(client.result.pids) == 2
+
+
+def test_cluster_and_fork_instances_get_the_signals_at_their_defaults(pmx: Pmx) -> None:
+    """pmxd (Python) ignores SIGPIPE and SIGXFSZ; an app, whichever way it was spawned
+    (the sh shim that moves sockets, or a plain spawn), gets them at their defaults."""
+    sleep = 'script = "/bin/sleep"\nargs = ["1000"]\ninterpreter = "none"\n'  # not Python,
+    # which ignores SIGPIPE by itself
+    eco = pmx.write("sig.toml", f"""
+[[apps]]
+name = "c"
+{sleep}exec_mode = "cluster"
+listen = "127.0.0.1:{free_port()}"
+
+[[apps]]
+name = "f"
+{sleep}""")
+    pmx.run("start", str(eco))
+    for name in ("c", "f"):
+        [pid] = [row["pid"] for row in pmx.wait_status(name, "online", count=1)]
+        with open(f"/proc/{pid}/status") as status:
+            ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1],
+                          16)
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            assert not ignored & (1 << (signum - 1)), (name, signum.name, hex(ignored))
