@@ -138,9 +138,9 @@ sys.stdout.write("writer done\\n")
 sys.stdout.flush()
 while not os.path.exists(go + "2"):
     time.sleep(0.05)
-print("writer tail", flush=True)
-while True:
-    time.sleep(3600)
+while True:  # again and again: one printed while the viewer's queue is still full is lost
+    print("writer tail", flush=True)
+    time.sleep(0.1)
 """
 
 
