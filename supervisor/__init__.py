@@ -2,8 +2,9 @@
 
 The modules, one responsibility each (imports flow downwards in this list):
 
-    pmxd.py       the program: keeps ssl out of pmxd, then daemon.main
-    daemon.py     wiring, lifecycle, signals, `main`; the instances' Runtime
+    pmxd.py       the program: keeps ssl out of pmxd, then launch.main
+    launch.py     the command line: arguments, detaching, pmxd's log, `main`
+    daemon.py     wiring, lifecycle, signals; the instances' Runtime
     commands.py   the request handlers, each docstring its spec; the command table
     arguments.py  reading a request's arguments (typed, else bad_args) and app tables
     registry.py   the apps by name, instance ids, target resolution, the rows of `list`

@@ -37,7 +37,7 @@ from .logs import LogFiles
 from .monitor import ResourceMonitor
 from .options import Invalid, signal_number
 from .protocol import Command, Json, JsonObject, Request
-from .registry import Registry, Target, instance_row, is_running
+from .registry import Registry, Target, for_each, instance_row, is_running
 from .states import ENDED, RUNNING
 from .watch import watch_roots
 
@@ -420,30 +420,6 @@ class Commands:
     async def _each(self, names: list[str], verb: str,
                     operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
         return await for_each(self._registry.resolve_all(names), verb, operation)
-
-
-async def for_each(targets: list[Target], verb: str,
-                   operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
-    """Run `operation` on every target at once; one result per target (see the top)."""
-    outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
-    done: list[Json] = []
-    errors: list[Json] = []
-    results: list[Json] = []
-    failures: list[BaseException] = []
-    for resolved, outcome in zip(targets, outcomes, strict=True):
-        if isinstance(outcome, BaseException):
-            if not isinstance(outcome, PmxError):
-                raise outcome
-            failures.append(outcome)
-            errors.append(str(outcome))
-            results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
-            continue
-        done.append(resolved.label)
-        errors.extend(outcome or [])
-        results.append({"target": resolved.label, "ok": True})
-    if failures and len(failures) == len(targets):
-        raise failures[0]
-    return {verb: done, "results": results, "errors": errors}
 
 
 def _with_args(handler: Callable[[Args], Awaitable[JsonObject]]) -> Handler:

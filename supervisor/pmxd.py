@@ -3,7 +3,7 @@
 Before anything imports asyncio, this marks `ssl` as absent. asyncio imports it only to
 offer TLS, which pmxd never speaks (its control sockets are Unix sockets, its readiness
 probes plain HTTP); not loading it keeps libssl and libcrypto, about 4 MiB resident, out of
-a daemon that runs for months. The rest is daemon.py.
+a daemon that runs for months. The rest is launch.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def _without_tls() -> None:
 
 def main() -> int:
     _without_tls()
-    from .daemon import main as run
+    from .launch import main as run
 
     return run()
 
@@ -25,7 +25,7 @@ def main() -> int:
 def runtime_main() -> int:
     """`pmx-runtime FILE...`: pmxd in the foreground as a container's PID 1."""
     _without_tls()
-    from .daemon import runtime_main as run
+    from .launch import runtime_main as run
 
     return run()
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .app import AppGroup
 from .config import AppSpec
-from .errors import CommandError, SpawnError
+from .errors import CommandError, PmxError, SpawnError
 from .monitor import InstanceStats
 from .process import Instance
 from .protocol import Json, JsonObject
@@ -35,6 +35,32 @@ class Target:
         if self.chosen is None:
             return self.app.name
         return ", ".join(instance.name for instance in self.chosen)
+
+
+async def for_each(targets: list[Target], verb: str,
+                   operation: Callable[[Target], Awaitable[list[str] | None]]) -> JsonObject:
+    """Run `operation` on every target at once -> {verb: [labels done], results: one
+    {target, ok, error?} per target, errors}; an error of every target is raised instead
+    (commands.py's top says more)."""
+    outcomes = await asyncio.gather(*(operation(t) for t in targets), return_exceptions=True)
+    done: list[Json] = []
+    errors: list[Json] = []
+    results: list[Json] = []
+    failures: list[BaseException] = []
+    for resolved, outcome in zip(targets, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, PmxError):
+                raise outcome
+            failures.append(outcome)
+            errors.append(str(outcome))
+            results.append({"target": resolved.label, "ok": False, "error": str(outcome)})
+            continue
+        done.append(resolved.label)
+        errors.extend(outcome or [])
+        results.append({"target": resolved.label, "ok": True})
+    if failures and len(failures) == len(targets):
+        raise failures[0]
+    return {verb: done, "results": results, "errors": errors}
 
 
 class Registry:

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 from pmx.supervisor.config import AppSpec, parse_app
-from pmx.supervisor.daemon import unignore_signals
 from pmx.supervisor.errors import IllegalTransition, SpawnError
+from pmx.supervisor.launch import unignore_signals
 from pmx.supervisor.process import Instance, next_restart_delay
 from pmx.supervisor.procfs import read_stat
 from pmx.supervisor.states import State
