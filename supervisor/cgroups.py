@@ -42,6 +42,7 @@ class Cgroups:
 
     def __init__(self, base: Path, home: Path) -> None:
         self.base = base
+        self._own = base  # pmxd's own cgroup: base, or its `supervisor` leaf (_enable_memory)
         # pmx-HOME-: this home's; then this pmxd image's own token (a `pmx update` keeps
         # the pid): what a previous image left is this home's with another token.
         # (crc32, not hashlib: that would load libcrypto, 3.5 MiB resident, for one tag)
@@ -91,10 +92,8 @@ class Cgroups:
         changes nothing), and the new process's move right after its spawn is quick."""
         if time.monotonic() - self._last_move < PREPARED_S:
             return
-        own = _own_cgroup_dir()
-        if own is not None:
-            with contextlib.suppress(OSError):
-                (own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        with contextlib.suppress(OSError):
+            (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
         self._last_move = time.monotonic()
 
     def place(self, instance_id: int, pid: int) -> Path | None:
@@ -202,6 +201,7 @@ class Cgroups:
             leaf = self.base / "supervisor"
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(f"{os.getpid()}\n")
+            self._own = leaf
             control.write_text("+memory\n")
             return True
         except OSError as exc:
