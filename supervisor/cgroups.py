@@ -5,11 +5,15 @@ a descendant that both calls setsid() and clears its environment. A cgroup holds
 descendant whatever it does, and `cgroup.kill` (Linux 5.14) ends them all at once. So
 where a cgroup v2 subtree is delegated to pmxd (systemd's `Delegate=yes`, which the unit
 `pmx startup` writes sets; a container whose cgroup is writable; root on a host whose
-own cgroup is writable), each spawned process is moved into `pmx-HOME-TOKEN-ID-PID` under
-pmxd's own cgroup right after the spawn (before the program can have forked: it is
-still being executed), and when its main process ends, `cgroup.kill` ends the rest and
-the empty cgroup is removed. Elsewhere, today's way stays: the process group and the
-marker. `pmx describe` says which is in use.
+own cgroup is writable), each process gets a new cgroup `pmx-HOME-TOKEN-ID-N` under
+pmxd's own one, made before its spawn. A process spawned through the sh shim (spawn.py:
+every app run as pmxd's own user) enters it itself, first thing, before it executes the
+program: the program never runs a moment outside it, however fast it forks. One spawned
+through Popen (an app run as another user may not move itself) is moved right after its
+spawn, while it is still being executed (and an executable sh would not run as execve
+does: see spawn.py). When its main process ends, `cgroup.kill` ends the rest and the
+empty cgroup is removed. Elsewhere, today's way stays: the process group and the marker.
+`pmx describe` says which is in use.
 
 Memory: where the memory controller can be enabled for these cgroups, the sampler reads
 `memory.current` (one read per instance, what the kernel charges the app, page cache
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -50,6 +55,7 @@ class Cgroups:
         self._tag = f"{self._home_tag}{os.urandom(3).hex()}-"
         self.memory = False  # memory.current is there in the instances' cgroups
         self._last_move = 0.0  # monotonic time of pmxd's last cgroup move (see prepare)
+        self._serials = itertools.count(1)  # names each process's cgroup (made before its pid)
 
     @classmethod
     def detect(cls, home: Path, *, setup: bool = True) -> Cgroups | None:
@@ -84,32 +90,49 @@ class Cgroups:
         memory = "memory.current" if self.memory else "the processes' resident pages"
         return f"cgroup v2 under {self.base} (cgroup.kill; memory from {memory})"
 
+    def create(self, instance_id: int) -> Path | None:
+        """A new, empty cgroup for the process about to be spawned for `instance_id`; None
+        (and the usual way: its process group) when it cannot be made."""
+        group = self.base / f"{self._tag}{instance_id}-{next(self._serials)}"
+        try:
+            group.mkdir()
+        except OSError as exc:
+            log.warning("cannot make a cgroup for instance %d (%s); its process group is "
+                        "used instead", instance_id, exc.strerror)
+            return None
+        return group
+
     def prepare(self) -> None:
-        """Before a spawn. The kernel makes the first cgroup move after a quiet spell wait
-        for an RCU grace period (10-20 ms here), and a program that forks at once would
-        have its child outside the cgroup by the time `place` moved it. So pmxd takes that
-        wait before the spawn, by moving itself into the cgroup it is in (a move that
-        changes nothing), and the new process's move right after its spawn is quick."""
+        """Before a spawn through Popen, whose process pmxd moves (`enter`) right after.
+        The kernel makes the first cgroup move after a quiet spell wait for an RCU grace
+        period (1-20 ms), and a program that forks at once would have its child outside
+        the cgroup by the time the move is done. So pmxd takes that wait before the spawn,
+        by moving itself into the cgroup it is in (a move that changes nothing), and the
+        move right after the spawn is quick. (A process spawned through the sh shim takes
+        that wait itself, before its program runs, and pmxd none.)"""
         if time.monotonic() - self._last_move < PREPARED_S:
             return
         with contextlib.suppress(OSError):
             (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
         self._last_move = time.monotonic()
 
-    def place(self, instance_id: int, pid: int) -> Path | None:
-        """Move `pid` into a cgroup of its own; None (and the usual way) when that fails."""
-        group = self.base / f"{self._tag}{instance_id}-{pid}"
+    def enter(self, group: Path, pid: int) -> bool:
+        """Move `pid` into `group` (made by `create`); False, with the group removed, when
+        that fails: the process group is used instead."""
         try:
-            group.mkdir()
             (group / "cgroup.procs").write_text(f"{pid}\n")
             self._last_move = time.monotonic()
         except OSError as exc:
             log.warning("cannot put pid %d in a cgroup of its own (%s); its process group "
                         "is used instead", pid, exc.strerror)
-            with contextlib.suppress(OSError):
-                group.rmdir()
-            return None
-        return group
+            self.discard(group)
+            return False
+        return True
+
+    def discard(self, group: Path) -> None:
+        """A cgroup `create` made for a process that never ran in it."""
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
     def kill(self, group: Path) -> None:
         """SIGKILL everything left in `group` (its main process has ended)."""

@@ -130,15 +130,25 @@ class Daemon:
             "exec_mode": instance.spec.exec_mode,
         })
 
-    def before_spawn(self) -> None:
+    def cgroup_for(self, instance: Instance) -> Path | None:
+        return self.cgroups.create(instance.id) if self.cgroups is not None else None
+
+    def before_popen(self) -> None:
         if self.cgroups is not None:
             self.cgroups.prepare()  # so that the process's move into its cgroup is quick
 
-    def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
-        """A process was just spawned: journal its pid first, give it its own cgroup
-        (where pmxd can), then watch for its exit."""
+    def discard_cgroup(self, group: Path) -> None:
+        if self.cgroups is not None:
+            self.cgroups.discard(group)
+
+    def watch_exit(self, instance: Instance, pid: int, pidfd: int, *, in_cgroup: bool) -> None:
+        """A process was just spawned: journal its pid first, move it into its cgroup if
+        it did not enter it itself (spawn.py), then watch for its exit."""
         self.state_file.spawned(instance)
-        instance.cgroup = self.cgroups.place(instance.id, pid) if self.cgroups else None
+        group = instance.cgroup
+        if group is not None and not in_cgroup and self.cgroups is not None \
+                and not self.cgroups.enter(group, pid):
+            instance.cgroup = None
         self.reaper.watch(pid, pidfd, instance.on_exit)
 
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None:

@@ -81,9 +81,13 @@ class Runtime(Protocol):
 
     def publish_state(self, instance: Instance) -> None: ...
 
-    def before_spawn(self) -> None: ...
+    def cgroup_for(self, instance: Instance) -> Path | None: ...
 
-    def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None: ...
+    def before_popen(self) -> None: ...
+
+    def discard_cgroup(self, group: Path) -> None: ...
+
+    def watch_exit(self, instance: Instance, pid: int, pidfd: int, *, in_cgroup: bool) -> None: ...
 
     def attach_output(self, instance: Instance, stdout_fd: int, stderr_fd: int) -> None: ...
 
@@ -204,14 +208,17 @@ class Instance:
         channel = None
         if inheritance is not None and inheritance.node_channel:
             channel = NodeChannel(self._runtime.loop, self._on_channel_message)
-        self._runtime.before_spawn()
+        group = self._runtime.cgroup_for(self)  # a new cgroup of its own, where pmxd can
         try:
             spawned = spawn(spec, Identity(self.app, self.index, self.id), self._base_env(),
                             inheritance, self._runtime.notify_socket_path,
-                            channel.child_fd() if channel else None)
+                            channel.child_fd() if channel else None, group,
+                            self._runtime.before_popen)
         except SpawnError:
             if channel is not None:
                 channel.close()
+            if group is not None:
+                self._runtime.discard_cgroup(group)
             raise
         if channel is not None:
             channel.spawned()
@@ -226,7 +233,8 @@ class Instance:
         self._exited = self._runtime.loop.create_future()
         # First the journal and the cgroup (before the program can fork: a log file may
         # take a moment to open), then its output.
-        self._runtime.watch_exit(self, self.pid, self.pidfd)
+        self.cgroup = group
+        self._runtime.watch_exit(self, self.pid, self.pidfd, in_cgroup=spawned.in_cgroup)
         self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)
         log.info("%s spawned pid %d: %s", self.name, self.pid, " ".join(spawned.argv))
 

@@ -7,14 +7,22 @@
 - the app's env over pmxd's base env, plus the PM2-compatible identity variables and a
   unique PMX_RUN_ID that marks it and every process it starts (so escapees can be found).
 
-Cluster sockets need to sit at fds 3.. in the child, and subprocess can only keep fds at
-their own numbers. So such a spawn goes through `os.posix_spawn`, whose file actions move
-the fds, into a one-line /bin/sh (`_SH_SHIM`) that changes to the app's directory, sets
-LISTEN_PID to its own pid (which exec keeps; systemd's protocol wants the child's pid
-there, and the parent cannot know it before fork without an unsafe pre-exec hook) and
-execs the app: about a millisecond, where a Python shim cost a whole interpreter start.
+Two kinds of spawn need a step in the child before the program runs, and subprocess
+offers none (a pre-exec hook is unsafe in a threaded pmxd):
+- cluster sockets sit at fds 3.. in the child, and subprocess keeps fds at their own
+  numbers only;
+- where pmxd gives each process a cgroup (cgroups.py), the process enters it before the
+  program runs, so that nothing the program forks starts outside it.
+Such a spawn goes through `os.posix_spawn`, whose file actions move the fds, into a
+one-line /bin/sh (`_sh_script`) that enters the cgroup (writing its own pid to
+`cgroup.procs`), changes to the app's directory, sets LISTEN_PID to its own pid (which
+exec keeps; systemd's protocol wants the child's pid there) and execs the app: about a
+millisecond, where a Python shim cost a whole interpreter start. sh runs a file that
+execve refuses (ENOEXEC) as a shell script, so for the cgroup alone the shim is used only
+for an ELF binary or a `#!` script whose interpreter exists; anything else goes through
+subprocess, whose execve error is the spawn's error, and is moved into its cgroup after.
 An app run as another user needs setuid/setgroups, which posix_spawn cannot do: it goes
-through subprocess and the Python shim (`_EXEC_SHIM`) instead.
+through subprocess too, with the Python shim (`_EXEC_SHIM`) when it has sockets to move.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import os
 import pwd
 import resource
 import signal
+import stat
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .config import AppSpec
 from .errors import SpawnError
@@ -60,9 +70,14 @@ except OSError as exc:
     os._exit(127)
 """
 
-# $1: the app's directory; then the app's argv. The fds are already in place.
-_SH_SHIM = 'cd "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
-_SH_SHIM_NO_PID = 'cd "$1" || exit 127; shift; exec "$@"'
+# The sh shim's parts; its arguments: the cgroup's cgroup.procs (if any), the app's
+# directory, the app's argv. The fds are already in place. Exit 125: the process could
+# not enter its cgroup, and the program did not run (it would run untracked).
+_SH_ENTER_CGROUP = ('echo $$ >"$1" || { echo "pmx: not started: cannot enter its cgroup '
+                    '($1)" >&2; exit 125; }; shift; ')
+_SH_CD = 'cd "$1" || exit 127; shift; '
+_SH_LISTEN_PID = "LISTEN_PID=$$; export LISTEN_PID; "
+_SH_EXEC = 'exec "$@"'
 
 _RESTORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ")
                           if hasattr(signal, name))
@@ -101,6 +116,7 @@ class Spawned:
     stderr_fd: int
     run_id: str
     argv: list[str]
+    in_cgroup: bool = False  # it entered the cgroup it was given itself, before its program
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,36 +166,48 @@ def command_and_env(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
 
 def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
           inheritance: Inheritance | None, notify_socket: str | None,
-          channel_fd: int | None = None) -> Spawned:
+          channel_fd: int | None = None, cgroup: Path | None = None,
+          before_popen: Callable[[], None] = lambda: None) -> Spawned:
     """Start the process. Raises SpawnError with a one-line reason; leaks no fd.
 
-    `channel_fd` (Node's IPC channel) lands after the sockets: at fd 3 + their number
+    `cgroup`: an empty cgroup for the process, which it enters itself where the sh shim
+    can run it (then `in_cgroup`); otherwise `before_popen` runs right before the spawn
+    and the caller moves the process in right after (cgroups.py: `prepare`, `enter`).
+    `channel_fd` (Node's IPC channel) lands after the sockets (at fd 3 + their number)
     when the shim moves fds, else at its own number."""
     run_id = f"{os.getpid()}.{_IMAGE}.{next(_run_ids)}"
     socket_fds = tuple(inheritance.fds) if inheritance is not None else ()
-    moved = socket_fds + ((channel_fd,) if channel_fd is not None and socket_fds else ())
-    child_channel_fd = channel_fd if not socket_fds or channel_fd is None else 3 + len(socket_fds)
     argv, env = command_and_env(spec, who, base_env, inheritance, notify_socket, run_id,
-                                child_channel_fd)
+                                channel_fd)
     if not os.path.isdir(spec.cwd):
         raise SpawnError(f'cannot start app "{spec.name}": cwd {spec.cwd} is not a directory')
     argv[0] = _executable(spec.name, argv[0], env)
     _check_fd_headroom(spec.name, 5 + len(socket_fds))
     credentials = _credentials(spec, env)
+    through_sh = credentials == Credentials() and (
+        bool(socket_fds) or (cgroup is not None and _execve_runs_it(argv[0])))
+    moved = socket_fds + ((channel_fd,) if channel_fd is not None and (socket_fds or through_sh)
+                          else ())
+    if channel_fd is not None and moved:
+        env["NODE_CHANNEL_FD"] = str(3 + len(socket_fds))  # where the shim puts it
     shown = list(argv)
-    pass_fds = moved if moved else ((channel_fd,) if channel_fd is not None else ())
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
-        if moved and credentials == Credentials():
-            pid = _spawn_moving_fds(argv, env, spec.cwd, moved, out_write, err_write)
-            return Spawned(pid, None, out_read, err_read, run_id, shown)
+        if through_sh:
+            procs = cgroup / "cgroup.procs" if cgroup is not None else None
+            pid = _spawn_through_sh(argv, env, spec.cwd, moved, out_write, err_write, procs)
+            return Spawned(pid, None, out_read, err_read, run_id, shown, procs is not None)
         if moved:
             argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(moved)),
                     *map(str, moved), *argv]
+        if cgroup is not None:
+            before_popen()
         popen = subprocess.Popen(
             argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_write,
-            stderr=err_write, close_fds=True, pass_fds=pass_fds, start_new_session=True,
+            stderr=err_write, close_fds=True,
+            pass_fds=moved or ((channel_fd,) if channel_fd is not None else ()),
+            start_new_session=True,
             user=credentials.uid, group=credentials.gid, extra_groups=credentials.groups,
         )
         return Spawned(popen.pid, popen, out_read, err_read, run_id, shown)
@@ -193,8 +221,8 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
         os.close(err_write)
 
 
-def _spawn_moving_fds(argv: list[str], env: Mapping[str, str], cwd: str, moved: Sequence[int],
-                      out_write: int, err_write: int) -> int:
+def _spawn_through_sh(argv: list[str], env: Mapping[str, str], cwd: str, moved: Sequence[int],
+                      out_write: int, err_write: int, cgroup_procs: Path | None) -> int:
     """posix_spawn into the sh shim with `moved` at fds 3, 4, ... and a new session.
 
     Every other fd of pmxd is close-on-exec (Python's default), so none leaks. The
@@ -209,11 +237,41 @@ def _spawn_moving_fds(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
     actions += [(os.POSIX_SPAWN_DUP2, fd, floor + slot) for slot, fd in enumerate(moved)]
     actions += [(os.POSIX_SPAWN_DUP2, floor + slot, 3 + slot) for slot in range(len(moved))]
     actions += [(os.POSIX_SPAWN_CLOSE, floor + slot) for slot in range(len(moved))]
-    script = _SH_SHIM if "LISTEN_FDS" in env else _SH_SHIM_NO_PID
+    script = ((_SH_ENTER_CGROUP if cgroup_procs is not None else "") + _SH_CD
+              + (_SH_LISTEN_PID if "LISTEN_FDS" in env else "") + _SH_EXEC)
+    entering = [str(cgroup_procs)] if cgroup_procs is not None else []
     # What Popen's restore_signals does: pmxd (Python) ignores SIGPIPE and SIGXFSZ, and an
     # ignored signal stays ignored across exec; the app gets them at their defaults.
-    return os.posix_spawn("/bin/sh", ["sh", "-c", script, "pmx-shim", cwd, *argv], env,
-                          file_actions=actions, setsid=True, setsigdef=_RESTORED_SIGNALS)
+    return os.posix_spawn("/bin/sh", ["sh", "-c", script, "pmx-shim", *entering, cwd, *argv],
+                          env, file_actions=actions, setsid=True, setsigdef=_RESTORED_SIGNALS)
+
+
+def _execve_runs_it(executable: str) -> bool:
+    """Whether execve would run `executable` as it is: an ELF binary, or a `#!` script
+    whose interpreter is there. sh, told to exec anything else, would run it as a shell
+    script where execve fails (ENOEXEC), or say "not found" where execve's ENOENT is the
+    spawn's error. Read with O_NONBLOCK: the path may be the app user's FIFO."""
+    try:
+        fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, 256)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if head.startswith(b"\x7fELF"):
+        return True
+    if not head.startswith(b"#!"):
+        return False
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words or b"\n" not in head:
+        return False  # a #! line longer than this look: let execve judge
+    interpreter = os.fsdecode(words[0])
+    return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:

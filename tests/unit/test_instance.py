@@ -126,10 +126,16 @@ class FakeRuntime:
         self.published.append((instance.state, instance.reason))
         self.published_at.append(time.monotonic())
 
-    def before_spawn(self) -> None:
+    def cgroup_for(self, instance: Instance) -> Path | None:
+        return None
+
+    def before_popen(self) -> None:
         pass
 
-    def watch_exit(self, instance: Instance, pid: int, pidfd: int) -> None:
+    def discard_cgroup(self, group: Path) -> None:
+        pass
+
+    def watch_exit(self, instance: Instance, pid: int, pidfd: int, *, in_cgroup: bool) -> None:
         own = os.dup(pidfd)  # the instance closes its pidfd when it is told of the exit
         self._watches[pid] = Watch(own, instance)
         self.spawned.append(pid)
