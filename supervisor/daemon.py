@@ -165,7 +165,9 @@ class Daemon:
         if instance.pid is not None:
             self.monitor.forget(instance.pid)
         group, instance.cgroup = instance.cgroup, None
-        if group is not None and self.cgroups is not None:
+        # Removing an empty cgroup is quick; cgroup.kill waits for the kernel's grace
+        # period (1-20 ms), so it is written only when something is left to end.
+        if group is not None and self.cgroups is not None and not self.cgroups.remove(group):
             self.cgroups.kill(group)
             self.cgroups.remove_soon(self.loop, group)
 

@@ -413,9 +413,12 @@ def test_a_crash_after_min_uptime_resets_the_unstable_count_and_the_backoff() ->
             await wait_for(lambda: inst.state is State.ONLINE, what=f"restart {count}")
         assert inst.started_at is not None
         inst.started_at -= app.min_uptime_s  # it has now been up for min_uptime
+        before = len(rt.published)
         inst.on_exit(exited(1))
         assert inst.unstable_restarts == 0
-        assert inst.reason == "exit code 1; restarting in 0s"  # restart_delay, no back-off
+        # restart_delay (0), no back-off: restarted at once, in the same call
+        assert rt.published[before] == (State.WAITING, "exit code 1; restarting in 0s")
+        assert inst.reason == "restarted after exit code 1"
         await wait_for(lambda: inst.state is State.ONLINE, what="restart after a stable run")
         assert (inst.restarts, inst.unstable_restarts) == (3, 0)
 
