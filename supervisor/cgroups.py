@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -56,6 +57,7 @@ class Cgroups:
         self.memory = False  # memory.current is there in the instances' cgroups
         self._last_move = 0.0  # monotonic time of pmxd's last cgroup move (see prepare)
         self._serials = itertools.count(1)  # names each process's cgroup (made before its pid)
+        self._warmer: threading.Event | None = None  # wakes the warm-up thread (warm_up_soon)
 
     @classmethod
     def detect(cls, home: Path, *, setup: bool = True) -> Cgroups | None:
@@ -115,6 +117,28 @@ class Cgroups:
         with contextlib.suppress(OSError):
             (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
         self._last_move = time.monotonic()
+
+    def warm_up_soon(self) -> None:
+        """An instance's process ended, and its replacement is spawned a millisecond or
+        two from now; it will wait for the kernel's grace period before its program runs
+        (prepare). A thread of pmxd starts that wait now, by the same null move, so the
+        two overlap: the replacement's own move comes in the same grace period or after
+        it, and is quick. The loop does not wait."""
+        if time.monotonic() - self._last_move < PREPARED_S:
+            return
+        if self._warmer is None:
+            self._warmer = threading.Event()
+            threading.Thread(target=self._warm_up_loop, args=(self._warmer,),
+                             name="pmx-cgroup-warm-up", daemon=True).start()
+        self._warmer.set()
+
+    def _warm_up_loop(self, wake: threading.Event) -> None:
+        while True:
+            wake.wait()
+            wake.clear()  # exits while this move runs ask for none more: it is the one
+            with contextlib.suppress(OSError):
+                (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+            self._last_move = time.monotonic()
 
     def enter(self, group: Path, pid: int) -> bool:
         """Move `pid` into `group` (made by `create`); False, with the group removed, when

@@ -165,6 +165,8 @@ class Daemon:
         if instance.pid is not None:
             self.monitor.forget(instance.pid)
         group, instance.cgroup = instance.cgroup, None
+        if self.cgroups is not None and instance.state is not State.STOPPING:
+            self.cgroups.warm_up_soon()  # for its replacement, if it gets one
         # Removing an empty cgroup is quick; cgroup.kill waits for the kernel's grace
         # period (1-20 ms), so it is written only when something is left to end.
         if group is not None and self.cgroups is not None and not self.cgroups.remove(group):
