@@ -41,6 +41,7 @@ from .errors import PmxError
 from .options import Invalid, parse_duration_s
 from .process import Instance
 from .procfs import process_start_time
+from .spawn import is_this_images_run
 from .states import ENDED
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,8 @@ def _process_entry(instance: Instance) -> dict[str, object] | None:
         return None
     spec = instance.spec
     return {"app": instance.app, "instance": instance.index, "pid": instance.pid,
-            "start_time": instance.start_time, "stop_signal": spec.stop_signal,
-            "kill_timeout_s": spec.kill_timeout_s}
+            "start_time": instance.start_time, "run_id": instance.run_id,
+            "stop_signal": spec.stop_signal, "kill_timeout_s": spec.kill_timeout_s}
 
 
 class _RateLimitedWarning:
@@ -198,8 +199,11 @@ class Recovery:
         # The files' entries (which name the instance) go over the marker scan's.
         unique = {(entry.get("pid"), entry.get("start_time")): entry
                   for entry in marked + recorded}
+        # Nor is what this image spawned: an adopted process that had ended by the time it
+        # was adopted is restarted at once, before this runs.
         leftovers = [entry for key, entry in unique.items() if _still_running(entry)
-                     and key not in adopted.processes and entry.get("run_id") not in adopted.run_ids]
+                     and key not in adopted.processes and entry.get("run_id") not in adopted.run_ids
+                     and not is_this_images_run(entry.get("run_id"))]
         if leftovers:
             log.warning("the previous pmxd (pid %s) died; stopping the %d processes it left",
                         document.get("pmxd_pid"), len(leftovers))

@@ -49,6 +49,14 @@ _run_ids = itertools.count(1)
 # the processes it adopted from the previous one.
 _IMAGE = os.urandom(3).hex()
 
+
+
+def is_this_images_run(run_id: object) -> bool:
+    """Whether PMX_RUN_ID `run_id` is of a process this pmxd image spawned (no leftover of
+    a previous pmxd, whatever the files say)."""
+    return isinstance(run_id, str) and run_id.startswith(f"{os.getpid()}.{_IMAGE}.")
+
+
 _EXEC_SHIM = """\
 import fcntl, os, sys
 count = int(sys.argv[1])

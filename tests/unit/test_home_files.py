@@ -111,7 +111,8 @@ def test_pmxd_refuses_a_planted_log_in_one_line(pmx: Pmx, target: Path) -> None:
 
 def fake_instance() -> Any:
     spec = SimpleNamespace(stop_signal="SIGTERM", kill_timeout_s=1.0)
-    return SimpleNamespace(pid=os.getpid(), pidfd=-1, start_time=1, app="a", index=0, spec=spec)
+    return SimpleNamespace(pid=os.getpid(), pidfd=-1, start_time=1, run_id="1.a.1", app="a",
+                           index=0, spec=spec)
 
 
 @pytest.fixture
