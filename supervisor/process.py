@@ -231,8 +231,9 @@ class Instance:
         self.start_time = process_start_time(self.pid)  # names this process for good
         self.started_at = time.monotonic()
         self._exited = self._runtime.loop.create_future()
-        # First the journal and the cgroup (before the program can fork: a log file may
-        # take a moment to open), then its output.
+        # First the journal and, for a process that did not enter its cgroup itself, the
+        # move (before the program can fork: a log file may take a moment to open), then
+        # its output.
         self.cgroup = group
         self._runtime.watch_exit(self, self.pid, self.pidfd, in_cgroup=spawned.in_cgroup)
         self._runtime.attach_output(self, spawned.stdout_fd, spawned.stderr_fd)
