@@ -98,6 +98,21 @@ def unignore_signals() -> None:
             signal.signal(signum, lambda number, frame: None)
 
 
+def close_inherited_on_exec() -> None:
+    """Files whoever started pmxd left open (a shell's, a service manager's; during `pmx
+    update`, the previous image's, which the new one adopts by number) become close-on-
+    exec: most apps are spawned through posix_spawn (spawn.py), which closes nothing else,
+    and an app must get none of pmxd's files but those spawn.py gives it."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except (OSError, ValueError):
+        return  # no /proc to list them (not Linux)
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                os.set_inheritable(fd, False)
+
+
 def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
     """pmxd's command line. The files are read and checked first, so that a missing or
     invalid one is one line on stderr and exit 2, before anything starts."""
@@ -108,6 +123,7 @@ def main(argv: list[str] | None = None, *, prog: str = "pmxd") -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     unignore_signals()
+    close_inherited_on_exec()
     home = Path(os.path.abspath(Path(args.home) if args.home else default_home()))
     os.umask(0o077)
     interval = args.monitor_interval or float(os.environ.get("PMX_MONITOR_INTERVAL", "0") or 0) \
