@@ -258,8 +258,11 @@ def _execve_runs_it(executable: str) -> bool:
     """Whether execve would run `executable` as it is: an ELF binary, or a `#!` script
     whose interpreter is there. sh, told to exec anything else, would run it as a shell
     script where execve fails (ENOEXEC), or say "not found" where execve's ENOENT is the
-    spawn's error. Read with O_NONBLOCK: the path may be the app user's FIFO."""
+    spawn's error. Only a regular file is opened (not a device or FIFO the app's user put
+    there), with O_NONBLOCK in case it was swapped for one since."""
     try:
+        if not stat.S_ISREG(os.stat(executable).st_mode):
+            return False
         fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return False
