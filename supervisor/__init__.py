@@ -18,6 +18,7 @@ The modules, one responsibility each (imports flow downwards in this list):
     app.py        AppGroup: an app's instances; start, stop, scale, one-by-one reload
     process.py    Instance: one slot's process and its state machine
     spawn.py      creating a process: argv, env, credentials, inherited sockets (posix_spawn)
+    exec_format.py  whether execve runs a file as it is (ELF of this machine, #! chains)
     sockets.py    cluster mode's listening sockets, bound by pmxd
     readiness.py  when an instance counts as ready: notify socket, probes
     accepting.py  whether a process tree waits for connections on a socket (/proc)

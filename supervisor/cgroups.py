@@ -5,7 +5,7 @@ a descendant that both calls setsid() and clears its environment. A cgroup holds
 descendant whatever it does, and `cgroup.kill` (Linux 5.14) ends them all at once. So
 where a cgroup v2 subtree is delegated to pmxd (systemd's `Delegate=yes`, which the unit
 `pmx startup` writes sets; a container whose cgroup is writable; root on a host whose
-own cgroup is writable), each process gets a new cgroup `pmx-HOME-TOKEN-ID-N` under
+own cgroup is writable), each process gets a new cgroup `pmx-HOME-TOKEN-ID-SERIAL` under
 pmxd's own one, made before its spawn. A process spawned through the sh shim (spawn.py:
 every app run as pmxd's own user) enters it itself, first thing, before it executes the
 program: the program never runs a moment outside it, however fast it forks. One spawned
@@ -56,7 +56,10 @@ class Cgroups:
         self._tag = f"{self._home_tag}{os.urandom(3).hex()}-"
         self.memory = False  # memory.current is there in the instances' cgroups
         self._last_move = 0.0  # monotonic time of pmxd's last cgroup move (see prepare)
-        self._serials = itertools.count(1)  # names each process's cgroup (made before its pid)
+        # Names each process's cgroup (made before its pid), with this image's own token:
+        # after `pmx update` the tag is the previous image's, and so are its serials.
+        self._serials = itertools.count(1)
+        self._image = os.urandom(2).hex()
         self._warmer: threading.Event | None = None  # wakes the warm-up thread (warm_up_soon)
 
     @classmethod
@@ -95,7 +98,7 @@ class Cgroups:
     def create(self, instance_id: int) -> Path | None:
         """A new, empty cgroup for the process about to be spawned for `instance_id`; None
         (and the usual way: its process group) when it cannot be made."""
-        group = self.base / f"{self._tag}{instance_id}-{next(self._serials)}"
+        group = self.base / f"{self._tag}{instance_id}-{self._image}{next(self._serials)}"
         try:
             group.mkdir()
         except OSError as exc:

@@ -214,7 +214,7 @@ class Instance:
                             inheritance, self._runtime.notify_socket_path,
                             channel.child_fd() if channel else None, group,
                             self._runtime.before_popen)
-        except SpawnError:
+        except BaseException:  # SpawnError, or a bug: leave no channel or cgroup behind
             if channel is not None:
                 channel.close()
             if group is not None:

@@ -399,6 +399,8 @@ def _as_user(owner: Owner, operation: str, path: str, retain: int) -> int:
         try:
             ours.settimeout(HELPER_TIMEOUT_S)
             message, fds, _, _ = socket.recv_fds(ours, 4096, 1)
+            for fd in fds:  # received fds are inheritable: apps spawned later would get them
+                os.set_inheritable(fd, False)
         except OSError:
             os.kill(pid, signal.SIGKILL)
             raise OSError(errno.ETIMEDOUT, f"no answer from the child running as "

@@ -19,10 +19,12 @@ one-line /bin/sh (`_sh_script`) that enters the cgroup (writing its own pid to
 exec keeps; systemd's protocol wants the child's pid there) and execs the app: about a
 millisecond, where a Python shim cost a whole interpreter start. sh runs a file that
 execve refuses (ENOEXEC) as a shell script, so for the cgroup alone the shim is used only
-for an ELF binary or a `#!` script whose interpreter exists; anything else goes through
+for a file execve runs for certain (exec_format.py); anything else goes through
 subprocess, whose execve error is the spawn's error, and is moved into its cgroup after.
-An app run as another user needs setuid/setgroups, which posix_spawn cannot do: it goes
-through subprocess too, with the Python shim (`_EXEC_SHIM`) when it has sockets to move.
+So does an app whose environment sh would not pass on unchanged (a name that is not a
+shell identifier), and every app where there is no /bin/sh. An app run as another user
+needs setuid/setgroups, which posix_spawn cannot do: it goes through subprocess too. Those
+of them with sockets to move go through the Python shim (`_EXEC_SHIM`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import grp
 import itertools
 import os
 import pwd
+import re
 import resource
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +44,7 @@ from pathlib import Path
 
 from .config import AppSpec
 from .errors import SpawnError
+from .exec_format import execve_runs_it
 from .home import fd_reserve
 
 _run_ids = itertools.count(1)
@@ -83,7 +86,9 @@ except OSError as exc:
 # not enter its cgroup, and the program did not run (it would run untracked).
 _SH_ENTER_CGROUP = ('echo $$ >"$1" || { echo "pmx: not started: cannot enter its cgroup '
                     '($1)" >&2; exit 125; }; shift; ')
-_SH_CD = 'cd "$1" || exit 127; shift; '
+_SH_CD = 'cd "$1" || exit 127; shift; unset OLDPWD; '
+_SH = "/bin/sh"
+_SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SH_LISTEN_PID = "LISTEN_PID=$$; export LISTEN_PID; "
 _SH_EXEC = 'exec "$@"'
 
@@ -192,8 +197,13 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     argv[0] = _executable(spec.name, argv[0], env)
     _check_fd_headroom(spec.name, 5 + len(socket_fds))
     credentials = _credentials(spec, env)
-    through_sh = credentials == Credentials() and (
-        bool(socket_fds) or (cgroup is not None and _execve_runs_it(argv[0])))
+    # The app's directory, as a shell would say it (sh's `cd` sets it; Popen keeps whatever
+    # the environment said, most often the directory `pmx start` ran in): the same either way.
+    if "PWD" not in spec.env:
+        env["PWD"] = spec.cwd
+    env.pop("OLDPWD", None)
+    through_sh = credentials == Credentials() and _sh_keeps(env) and (
+        bool(socket_fds) or (cgroup is not None and execve_runs_it(argv[0], spec.cwd)))
     moved = socket_fds + ((channel_fd,) if channel_fd is not None and (socket_fds or through_sh)
                           else ())
     if channel_fd is not None and moved:
@@ -250,39 +260,22 @@ def _spawn_through_sh(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
     entering = [str(cgroup_procs)] if cgroup_procs is not None else []
     # What Popen's restore_signals does: pmxd (Python) ignores SIGPIPE and SIGXFSZ, and an
     # ignored signal stays ignored across exec; the app gets them at their defaults.
-    return os.posix_spawn("/bin/sh", ["sh", "-c", script, "pmx-shim", *entering, cwd, *argv],
+    return os.posix_spawn(_SH, ["sh", "-c", script, "pmx-shim", *entering, cwd, *argv],
                           env, file_actions=actions, setsid=True, setsigdef=_RESTORED_SIGNALS)
 
 
-def _execve_runs_it(executable: str) -> bool:
-    """Whether execve would run `executable` as it is: an ELF binary, or a `#!` script
-    whose interpreter is there. sh, told to exec anything else, would run it as a shell
-    script where execve fails (ENOEXEC), or say "not found" where execve's ENOENT is the
-    spawn's error. Only a regular file is opened (not a device or FIFO the app's user put
-    there), with O_NONBLOCK in case it was swapped for one since."""
-    try:
-        if not stat.S_ISREG(os.stat(executable).st_mode):
-            return False
-        fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        head = os.read(fd, 256)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    if head.startswith(b"\x7fELF"):
-        return True
-    if not head.startswith(b"#!"):
-        return False
-    words = head[2:].split(b"\n", 1)[0].split()
-    if not words or b"\n" not in head:
-        return False  # a #! line longer than this look: let execve judge
-    interpreter = os.fsdecode(words[0])
-    return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
+def _sh_keeps(env: Mapping[str, str]) -> bool:
+    """Whether the sh shim can pass `env` to the app unchanged: there is a /bin/sh (not in
+    a distroless image), and every name is a shell identifier (dash drops the others,
+    such as Spring's `spring.profiles.active`). Else subprocess spawns, with the Python
+    shim where sockets must move."""
+    global _sh_present
+    if _sh_present is None:
+        _sh_present = os.access(_SH, os.X_OK)
+    return _sh_present and all(_SH_NAME.match(name) for name in env)
+
+
+_sh_present: bool | None = None
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:
