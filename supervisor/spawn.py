@@ -23,8 +23,10 @@ for a file execve runs for certain (exec_format.py); anything else goes through
 subprocess, whose execve error is the spawn's error, and is moved into its cgroup after.
 So does an app whose environment sh would not pass on unchanged (a name that is not a
 shell identifier), and every app where there is no /bin/sh. An app run as another user
-needs setuid/setgroups, which posix_spawn cannot do: it goes through subprocess too. Those
-of them with sockets to move go through the Python shim (`_EXEC_SHIM`).
+needs setuid/setgroups, which posix_spawn cannot do: the shim, still root, enters the
+cgroup and execs util-linux's `setpriv`, which becomes the user and execs the app; where
+there is no setpriv (or pmxd is not root) it goes through subprocess, with the Python
+shim (`_EXEC_SHIM`) when it has sockets to move.
 """
 
 from __future__ import annotations
@@ -202,7 +204,10 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     if "PWD" not in spec.env:
         env["PWD"] = spec.cwd
     env.pop("OLDPWD", None)
-    through_sh = credentials == Credentials() and _sh_keeps(env) and (
+    # As another user, the shim drops to it with setpriv once in its cgroup (as root).
+    drop = _setpriv_argv(credentials) if credentials != Credentials() \
+        and _may_execute(argv[0], credentials) else []
+    through_sh = (credentials == Credentials() or bool(drop)) and _sh_keeps(env) and (
         bool(socket_fds) or (cgroup is not None and execve_runs_it(argv[0], spec.cwd)))
     moved = socket_fds + ((channel_fd,) if channel_fd is not None and (socket_fds or through_sh)
                           else ())
@@ -214,7 +219,8 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     try:
         if through_sh:
             procs = cgroup / "cgroup.procs" if cgroup is not None else None
-            pid = _spawn_through_sh(argv, env, spec.cwd, moved, out_write, err_write, procs)
+            pid = _spawn_through_sh([*drop, *argv], env, spec.cwd, moved, out_write, err_write,
+                                    procs)
             return Spawned(pid, None, out_read, err_read, run_id, shown, procs is not None)
         if moved:
             argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(moved)),
@@ -262,6 +268,48 @@ def _spawn_through_sh(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
     # ignored signal stays ignored across exec; the app gets them at their defaults.
     return os.posix_spawn(_SH, ["sh", "-c", script, "pmx-shim", *entering, cwd, *argv],
                           env, file_actions=actions, setsid=True, setsigdef=_RESTORED_SIGNALS)
+
+
+def _setpriv_argv(credentials: Credentials) -> list[str]:
+    """util-linux's setpriv becoming `credentials` (user, group, exactly its supplementary
+    groups: what Popen(user=, group=, extra_groups=) does) before it execs the app; [] where
+    pmxd is not root or there is no trustworthy setpriv (root's own, not writable by others)."""
+    if os.getuid() != 0 or credentials.uid is None or credentials.gid is None:
+        return []
+    global _setpriv
+    if _setpriv is None:
+        _setpriv = next((path for path in _SETPRIV_PATHS if _owned_by_root(path)), "")
+    if not _setpriv:
+        return []
+    groups = (f"--groups={','.join(map(str, credentials.groups))}" if credentials.groups
+              else "--clear-groups")
+    return [_setpriv, f"--reuid={credentials.uid}", f"--regid={credentials.gid}", groups, "--"]
+
+
+_SETPRIV_PATHS = ("/usr/bin/setpriv", "/bin/setpriv")
+_setpriv: str | None = None
+
+
+def _may_execute(path: str, credentials: Credentials) -> bool:
+    """Whether `credentials` may execute `path` by its mode bits (else Popen's execve as
+    that user says why, at once, where setpriv would exit 127)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if info.st_uid == credentials.uid:
+        return bool(info.st_mode & 0o100)
+    if info.st_gid == credentials.gid or info.st_gid in (credentials.groups or ()):
+        return bool(info.st_mode & 0o010)
+    return bool(info.st_mode & 0o001)
+
+
+def _owned_by_root(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return info.st_uid == 0 and not info.st_mode & 0o022 and os.access(path, os.X_OK)
 
 
 def _sh_keeps(env: Mapping[str, str]) -> bool:
