@@ -86,7 +86,8 @@ except OSError as exc:
 # The sh shim's parts; its arguments: the cgroup's cgroup.procs (if any), the app's
 # directory, the app's argv. The fds are already in place. Exit 125: the process could
 # not enter its cgroup, and the program did not run (it would run untracked).
-_SH_ENTER_CGROUP = ('echo $$ >"$1" || { echo "pmx: not started: cannot enter its cgroup '
+# Quoted: a /bin/sh that took IFS from the app's env (dash does not) could split $$.
+_SH_ENTER_CGROUP = ('echo "$$" >"$1" || { echo "pmx: not started: cannot enter its cgroup '
                     '($1)" >&2; exit 125; }; shift; ')
 _SH_CD = 'cd "$1" || exit 127; shift; unset OLDPWD; '
 _SH = "/bin/sh"
