@@ -26,20 +26,55 @@ _MACHINES = {"x86_64": 62, "aarch64": 183, "arm64": 183, "riscv64": 243, "ppc64l
              "s390x": 22, "i686": 3, "i386": 3}
 
 
+def interpreter_of(path: str) -> str | None:
+    """The interpreter a `#!` script names, for an error message; None for anything else."""
+    head = _head(path)
+    if head is None or not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words else None
+
+
+def _head(path: str) -> bytes | None:
+    """The first 256 bytes of a regular file."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, 256, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str) -> int | None:
+    """An fd of `path` if it is a regular file (stat first: a device node or FIFO is never
+    opened; O_NONBLOCK in case it was swapped for one since, and checked again)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def execve_runs_it(path: str, cwd: str, _depth: int = 0) -> bool:
     """True when execve(path) would run it in an app whose directory is `cwd` (where a
     relative #! interpreter is found)."""
     if _depth > MAX_NESTING:
         return False
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_regular(path)
+    if fd is None:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         head = os.pread(fd, 256, 0)
         if head.startswith(b"\x7fELF"):
             return _elf_runs_here(fd, head)

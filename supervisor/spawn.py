@@ -31,6 +31,7 @@ shim (`_EXEC_SHIM`) when it has sockets to move.
 
 from __future__ import annotations
 
+import errno
 import grp
 import itertools
 import os
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from .config import AppSpec
 from .errors import SpawnError
-from .exec_format import execve_runs_it
+from .exec_format import execve_runs_it, interpreter_of
 from .home import fd_reserve
 
 _run_ids = itertools.count(1)
@@ -239,8 +240,11 @@ def spawn(spec: AppSpec, who: Identity, base_env: Mapping[str, str],
     except OSError as exc:
         for fd in (out_read, err_read):
             os.close(fd)
-        raise SpawnError(f'cannot start app "{spec.name}": {argv[0]}: '
-                         f"{exc.strerror or exc}") from None
+        why = exc.strerror or str(exc)
+        interpreter = interpreter_of(shown[0]) if exc.errno == errno.ENOENT else None
+        if interpreter is not None:  # the kernel's ENOENT names the script, not what is missing
+            why = f"its #! interpreter {interpreter} is not there"
+        raise SpawnError(f'cannot start app "{spec.name}": {shown[0]}: {why}') from None
     finally:
         os.close(out_write)
         os.close(err_write)

@@ -77,3 +77,21 @@ def test_a_fifo_in_place_of_the_program_neither_blocks_nor_passes(tmp_path: Path
     reader.start()
     reader.join(timeout=10)
     assert answer == [False]
+
+
+def test_a_missing_interpreter_is_named_in_the_spawn_error(tmp_path: Path) -> None:
+    """execve's ENOENT names the script; the error says what is missing."""
+    from pmx.supervisor.config import spec_from_table
+    from pmx.supervisor.errors import SpawnError
+    from pmx.supervisor.spawn import Identity, spawn
+
+    script = _script(tmp_path / "job.sh", "#!/no/such/interpreter\necho hi\n")
+    spec = spec_from_table({"name": "job", "script": script, "interpreter": "none",
+                            "cwd": str(tmp_path)}, source="test")
+    try:
+        spawn(spec, Identity("job", 0, 0), {}, None, None)
+    except SpawnError as exc:
+        assert str(exc) == (f'cannot start app "job": {script}: its #! interpreter '
+                            "/no/such/interpreter is not there")
+    else:
+        raise AssertionError("spawned")
