@@ -7,13 +7,12 @@ where a cgroup v2 subtree is delegated to pmxd (systemd's `Delegate=yes`, which 
 `pmx startup` writes sets; a container whose cgroup is writable; root on a host whose
 own cgroup is writable), each process gets a new cgroup `pmx-HOME-TOKEN-ID-SERIAL` under
 pmxd's own one, made before its spawn. A process spawned through the sh shim (spawn.py:
-every app run as pmxd's own user) enters it itself, first thing, before it executes the
-program: the program never runs a moment outside it, however fast it forks. One spawned
-through Popen (an app run as another user may not move itself) is moved right after its
-spawn, while it is still being executed (and an executable sh would not run as execve
-does: see spawn.py). When its main process ends, `cgroup.kill` ends the rest and the
-empty cgroup is removed. Elsewhere, today's way stays: the process group and the marker.
-`pmx describe` says which is in use.
+most of them) enters it itself, first thing, before it executes the program: the program
+never runs a moment outside it, however fast it forks. One spawned through Popen (where
+the shim would change something for the app: see spawn.py) is moved right after its
+spawn, while it is still being executed. When its main process ends, `cgroup.kill` ends
+the rest and the empty cgroup is removed. Elsewhere, today's way stays: the process group
+and the marker. `pmx describe` says which is in use.
 
 Memory: where the memory controller can be enabled for these cgroups, the sampler reads
 `memory.current` (one read per instance, what the kernel charges the app, page cache
@@ -115,11 +114,8 @@ class Cgroups:
         by moving itself into the cgroup it is in (a move that changes nothing), and the
         move right after the spawn is quick. (A process spawned through the sh shim takes
         that wait itself, before its program runs, and pmxd none.)"""
-        if time.monotonic() - self._last_move < PREPARED_S:
-            return
-        with contextlib.suppress(OSError):
-            (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
-        self._last_move = time.monotonic()
+        if not self._recently_moved():
+            self._move_self()
 
     def warm_up_soon(self) -> None:
         """An instance's process ended, and its replacement is spawned a millisecond or
@@ -127,7 +123,7 @@ class Cgroups:
         (prepare). A thread of pmxd starts that wait now, by the same null move, so the
         two overlap: the replacement's own move comes in the same grace period or after
         it, and is quick. The loop does not wait."""
-        if time.monotonic() - self._last_move < PREPARED_S:
+        if self._recently_moved():
             return
         if self._warmer is None:
             self._warmer = threading.Event()
@@ -139,9 +135,16 @@ class Cgroups:
         while True:
             wake.wait()
             wake.clear()  # exits while this move runs ask for none more: it is the one
-            with contextlib.suppress(OSError):
-                (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
-            self._last_move = time.monotonic()
+            self._move_self()
+
+    def _recently_moved(self) -> bool:
+        return time.monotonic() - self._last_move < PREPARED_S
+
+    def _move_self(self) -> None:
+        """The null move: pmxd into the cgroup it is in (it waits out the grace period)."""
+        with contextlib.suppress(OSError):
+            (self._own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        self._last_move = time.monotonic()
 
     def enter(self, group: Path, pid: int) -> bool:
         """Move `pid` into `group` (made by `create`); False, with the group removed, when
@@ -152,14 +155,9 @@ class Cgroups:
         except OSError as exc:
             log.warning("cannot put pid %d in a cgroup of its own (%s); its process group "
                         "is used instead", pid, exc.strerror)
-            self.discard(group)
+            self.remove(group)
             return False
         return True
-
-    def discard(self, group: Path) -> None:
-        """A cgroup `create` made for a process that never ran in it."""
-        with contextlib.suppress(OSError):
-            group.rmdir()
 
     def kill(self, group: Path) -> None:
         """SIGKILL everything left in `group` (its main process has ended)."""

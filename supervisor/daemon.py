@@ -139,7 +139,7 @@ class Daemon:
 
     def discard_cgroup(self, group: Path) -> None:
         if self.cgroups is not None:
-            self.cgroups.discard(group)
+            self.cgroups.remove(group)  # made for a process that never ran: empty
 
     def watch_exit(self, instance: Instance, pid: int, pidfd: int, *, in_cgroup: bool) -> None:
         """A process was just spawned: journal its pid first, move it into its cgroup if

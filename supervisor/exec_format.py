@@ -29,8 +29,13 @@ _MACHINES = {"x86_64": 62, "aarch64": 183, "arm64": 183, "riscv64": 243, "ppc64l
 def interpreter_of(path: str) -> str | None:
     """The interpreter a `#!` script names, for an error message; None for anything else."""
     head = _head(path)
-    if head is None or not head.startswith(b"#!"):
-        return None
+    return _shebang(head) if head is not None else None
+
+
+def _shebang(head: bytes) -> str | None:
+    """The interpreter of a `#!` line that ends within `head`."""
+    if not head.startswith(b"#!") or b"\n" not in head:
+        return None  # no #!, or a #! line longer than this look
     words = head[2:].split(b"\n", 1)[0].split()
     return os.fsdecode(words[0]) if words else None
 
@@ -82,12 +87,10 @@ def execve_runs_it(path: str, cwd: str, _depth: int = 0) -> bool:
         return False
     finally:
         os.close(fd)
-    if not head.startswith(b"#!") or b"\n" not in head:
-        return False  # no #!, or a #! line longer than this look: let execve judge
-    words = head[2:].split(b"\n", 1)[0].split()
-    if not words:
-        return False
-    interpreter = os.path.join(cwd, os.fsdecode(words[0]))  # an absolute one stays as it is
+    named = _shebang(head)
+    if named is None:
+        return False  # let execve judge
+    interpreter = os.path.join(cwd, named)  # an absolute one stays as it is
     return os.access(interpreter, os.X_OK) and execve_runs_it(interpreter, cwd, _depth + 1)
 
 

@@ -14,7 +14,7 @@ offers none (a pre-exec hook is unsafe in a threaded pmxd):
 - where pmxd gives each process a cgroup (cgroups.py), the process enters it before the
   program runs, so that nothing the program forks starts outside it.
 Such a spawn goes through `os.posix_spawn`, whose file actions move the fds, into a
-one-line /bin/sh (`_sh_script`) that enters the cgroup (writing its own pid to
+one-line /bin/sh (`_spawn_through_sh`) that enters the cgroup (writing its own pid to
 `cgroup.procs`), changes to the app's directory, sets LISTEN_PID to its own pid (which
 exec keeps; systemd's protocol wants the child's pid there) and execs the app: about a
 millisecond, where a Python shim cost a whole interpreter start. sh runs a file that
@@ -32,6 +32,7 @@ shim (`_EXEC_SHIM`) when it has sockets to move.
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import itertools
 import os
@@ -54,7 +55,6 @@ _run_ids = itertools.count(1)
 # A `pmx update` keeps the pid: this image's token keeps its run ids apart from those of
 # the processes it adopted from the previous one.
 _IMAGE = os.urandom(3).hex()
-
 
 
 def is_this_images_run(run_id: object) -> bool:
@@ -278,21 +278,20 @@ def _spawn_through_sh(argv: list[str], env: Mapping[str, str], cwd: str, moved: 
 def _setpriv_argv(credentials: Credentials) -> list[str]:
     """util-linux's setpriv becoming `credentials` (user, group, exactly its supplementary
     groups: what Popen(user=, group=, extra_groups=) does) before it execs the app; [] where
-    pmxd is not root or there is no trustworthy setpriv (root's own, not writable by others)."""
-    if os.getuid() != 0 or credentials.uid is None or credentials.gid is None:
-        return []
-    global _setpriv
-    if _setpriv is None:
-        _setpriv = next((path for path in _SETPRIV_PATHS if _owned_by_root(path)), "")
-    if not _setpriv:
+    pmxd is not root or there is no trustworthy setpriv."""
+    setpriv = _trusted_setpriv()
+    if os.getuid() != 0 or credentials.uid is None or credentials.gid is None or not setpriv:
         return []
     groups = (f"--groups={','.join(map(str, credentials.groups))}" if credentials.groups
               else "--clear-groups")
-    return [_setpriv, f"--reuid={credentials.uid}", f"--regid={credentials.gid}", groups, "--"]
+    return [setpriv, f"--reuid={credentials.uid}", f"--regid={credentials.gid}", groups, "--"]
 
 
-_SETPRIV_PATHS = ("/usr/bin/setpriv", "/bin/setpriv")
-_setpriv: str | None = None
+@functools.cache
+def _trusted_setpriv() -> str:
+    """setpriv's path if root owns it and nobody else may write it; "" when there is none."""
+    return next((path for path in ("/usr/bin/setpriv", "/bin/setpriv")
+                 if _owned_by_root(path)), "")
 
 
 def _may_execute(path: str, credentials: Credentials) -> bool:
@@ -322,13 +321,12 @@ def _sh_keeps(env: Mapping[str, str]) -> bool:
     a distroless image), and every name is a shell identifier (dash drops the others,
     such as Spring's `spring.profiles.active`). Else subprocess spawns, with the Python
     shim where sockets must move."""
-    global _sh_present
-    if _sh_present is None:
-        _sh_present = os.access(_SH, os.X_OK)
-    return _sh_present and all(_SH_NAME.match(name) for name in env)
+    return _sh_present() and all(_SH_NAME.match(name) for name in env)
 
 
-_sh_present: bool | None = None
+@functools.cache
+def _sh_present() -> bool:
+    return os.access(_SH, os.X_OK)
 
 
 def _executable(app: str, program: str, env: Mapping[str, str]) -> str:

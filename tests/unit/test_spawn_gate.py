@@ -10,6 +10,7 @@ import struct
 import threading
 from pathlib import Path
 
+import pytest
 from pmx.supervisor.exec_format import execve_runs_it
 
 
@@ -88,10 +89,7 @@ def test_a_missing_interpreter_is_named_in_the_spawn_error(tmp_path: Path) -> No
     script = _script(tmp_path / "job.sh", "#!/no/such/interpreter\necho hi\n")
     spec = spec_from_table({"name": "job", "script": script, "interpreter": "none",
                             "cwd": str(tmp_path)}, source="test")
-    try:
+    with pytest.raises(SpawnError) as raised:
         spawn(spec, Identity("job", 0, 0), {}, None, None)
-    except SpawnError as exc:
-        assert str(exc) == (f'cannot start app "job": {script}: its #! interpreter '
-                            "/no/such/interpreter is not there")
-    else:
-        raise AssertionError("spawned")
+    assert str(raised.value) == (f'cannot start app "job": {script}: its #! interpreter '
+                                 "/no/such/interpreter is not there")
